@@ -1,0 +1,364 @@
+//! The subcommands.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use infl8_core::config::{self, Settings};
+use infl8_core::inference::{BlendMode, SlidingWindow};
+use infl8_core::manifest::{self, InferenceMode, Manifest};
+use infl8_core::plugin::PluginHost;
+use infl8_core::preprocess::{Normalization, PreprocessSpec};
+use infl8_core::segment::{SegmentReport, Segmenter};
+use infl8_core::{Backend, LoadOptions};
+use tracing::{error, info, warn};
+
+use crate::flags::{ExampleModelArgs, InfoArgs, PluginsArgs, RuntimeArgs, SegmentArgs};
+
+fn settings_for(runtime: &RuntimeArgs, layer: &serde_json::Value) -> Result<Settings> {
+    Ok(config::load(runtime.config.as_deref(), None, layer)?)
+}
+
+fn open_host(settings: &Settings) -> PluginHost {
+    let mut host = PluginHost::new(settings.plugin_dirs.clone());
+    for (path, result) in host.discover() {
+        if let Err(e) = result {
+            warn!(library = %path.display(), "plugin not loaded: {e}");
+        }
+    }
+    host
+}
+
+fn backend(settings: &Settings) -> Result<Arc<dyn Backend>> {
+    let host = open_host(settings);
+    Ok(host.backend(&settings.backend)?)
+}
+
+fn load_options(settings: &Settings) -> LoadOptions {
+    let threads = if settings.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        settings.threads
+    };
+    LoadOptions {
+        threads,
+        ..LoadOptions::default()
+    }
+}
+
+fn is_nifti(p: &Path) -> bool {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    (name.ends_with(".nii") || name.ends_with(".nii.gz")) && !name.starts_with('.')
+}
+
+/// (input, output, logits) triples for a file or a folder.
+fn jobs(a: &SegmentArgs) -> Result<Vec<(PathBuf, PathBuf, Option<PathBuf>)>> {
+    if !a.input.is_dir() {
+        if !a.input.exists() {
+            bail!("input {} does not exist", a.input.display());
+        }
+        if a.output.is_dir() {
+            bail!(
+                "output {} is a folder but the input is a file: give an output file name",
+                a.output.display()
+            );
+        }
+        return Ok(vec![(
+            a.input.clone(),
+            a.output.clone(),
+            a.save_logits.clone(),
+        )]);
+    }
+    std::fs::create_dir_all(&a.output)
+        .with_context(|| format!("cannot create output folder {}", a.output.display()))?;
+    if let Some(l) = &a.save_logits {
+        std::fs::create_dir_all(l)
+            .with_context(|| format!("cannot create logits folder {}", l.display()))?;
+    }
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&a.input)
+        .with_context(|| format!("cannot list {}", a.input.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_nifti(p))
+        .collect();
+    inputs.sort();
+    if inputs.is_empty() {
+        bail!("no .nii or .nii.gz files in {}", a.input.display());
+    }
+    Ok(inputs
+        .into_iter()
+        .filter_map(|p| {
+            let name = p.file_name()?.to_owned();
+            let out = a.output.join(&name);
+            let logits = a.save_logits.as_ref().map(|d| d.join(&name));
+            Some((p, out, logits))
+        })
+        .collect())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
+    let settings = settings_for(&a.runtime, &a.layer())?;
+    let jobs = jobs(&a)?;
+    for (input, output, _) in &jobs {
+        if same_file(input, output) {
+            bail!("output {} would overwrite the input", output.display());
+        }
+    }
+    let backend = backend(&settings)?;
+    let model = backend
+        .load(&a.model, &load_options(&settings))
+        .with_context(|| format!("backend {}", backend.name()))?;
+    let (manifest, origin) =
+        manifest::resolve(&a.model, model.input(), model.output(), &settings.model)?;
+    info!(
+        model = %a.model.display(),
+        backend = backend.name(),
+        manifest = %origin,
+        input = %model.input(),
+        output = %model.output(),
+        "model loaded"
+    );
+    let segmenter = Segmenter {
+        model,
+        manifest,
+        window_batch: settings.window_batch,
+        largest_component: settings.postprocess.largest_component,
+    };
+    let limits = settings.limits.read_limits();
+    let mut reports: Vec<SegmentReport> = Vec::new();
+    let mut failures = 0usize;
+    let n = jobs.len();
+    for (i, (input, output, logits)) in jobs.iter().enumerate() {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} windows, {elapsed_precise} (eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!(
+            "[{}/{}] {}",
+            i + 1,
+            n,
+            input.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let progress = |done: u64, total: u64| {
+            bar.set_length(total);
+            bar.set_position(done);
+        };
+        let result =
+            segmenter.segment_file(input, output, logits.as_deref(), &limits, &progress);
+        bar.finish_and_clear();
+        match result {
+            Ok(r) => {
+                info!(
+                    input = %r.input.display(),
+                    output = %r.output.display(),
+                    dims = ?r.dims,
+                    windows = r.windows,
+                    read_s = format!("{:.2}", r.read_s),
+                    infer_s = format!("{:.2}", r.infer_s),
+                    write_s = format!("{:.2}", r.write_s),
+                    label_voxels = ?r.label_voxels,
+                    "segmented"
+                );
+                reports.push(r);
+            }
+            Err(e) => {
+                failures += 1;
+                if n == 1 {
+                    return Err(e.into());
+                }
+                error!("{e}");
+            }
+        }
+    }
+    if let Some(path) = &a.report {
+        let json = serde_json::to_string_pretty(&reports)?;
+        write_atomic(path, json.as_bytes())?;
+    }
+    if failures > 0 {
+        eprintln!("{failures} of {n} volumes failed (see the errors above)");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}.part",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let r = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r.with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn info(a: InfoArgs) -> Result<ExitCode> {
+    let model = infl8_onnx::read_model(&a.model)?;
+    let size = std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0);
+    println!("model:    {} ({:.1} MB)", a.model.display(), size as f64 / 1e6);
+    println!(
+        "producer: {} {}",
+        model.producer_name, model.producer_version
+    );
+    let opsets: Vec<String> = model
+        .opset_import
+        .iter()
+        .map(|o| {
+            let d = if o.domain.is_empty() { "ai.onnx" } else { &o.domain };
+            format!("{d} {}", o.version)
+        })
+        .collect();
+    println!("opset:    {}", opsets.join(", "));
+    if let Some(g) = &model.graph {
+        println!(
+            "graph:    {} nodes, {} initializers",
+            g.node.len(),
+            g.initializer.len()
+        );
+    }
+    let show = |t: &infl8_onnx::DeclaredTensor| {
+        let dims = match &t.shape {
+            Some(s) => s
+                .iter()
+                .map(|d| match d {
+                    infl8_onnx::DeclaredDim::Fixed(n) => n.to_string(),
+                    infl8_onnx::DeclaredDim::Symbolic(s) => s.clone(),
+                    infl8_onnx::DeclaredDim::Unknown => "?".into(),
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            None => "unknown".into(),
+        };
+        format!("{} [{}] (elem type {})", t.name, dims, t.elem_type)
+    };
+    for t in infl8_onnx::inputs(&model) {
+        println!("input:    {}", show(&t));
+    }
+    for t in infl8_onnx::outputs(&model) {
+        println!("output:   {}", show(&t));
+    }
+    match manifest::find(&a.model)? {
+        Some((m, origin)) => {
+            println!("manifest ({origin}):");
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        None => println!(
+            "manifest: none (give --roi/--window/... to `infl8 segment`, or add {})",
+            manifest::sidecar_path(&a.model).display()
+        ),
+    }
+    if a.load {
+        let settings = settings_for(&a.runtime, &serde_json::Value::Object(a.runtime.layer()))?;
+        let backend = backend(&settings)?;
+        let m = backend.load(&a.model, &load_options(&settings))?;
+        println!("loaded on {}:", backend.name());
+        println!("  input:  {}", m.input());
+        println!("  output: {}", m.output());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn plugins(a: PluginsArgs) -> Result<ExitCode> {
+    let settings = settings_for(&a.runtime, &serde_json::Value::Object(a.runtime.layer()))?;
+    let mut host = PluginHost::new(settings.plugin_dirs.clone());
+    let found = host.discover();
+    let backends = host.backends();
+    println!("{:<16} {:<10} {:<44} LIBRARY", "BACKEND", "VERSION", "DESCRIPTION");
+    for b in &backends {
+        println!(
+            "{:<16} {:<10} {:<44} {}",
+            b.name,
+            b.version,
+            b.description,
+            b.library.display()
+        );
+    }
+    let mut refused = 0;
+    for (path, r) in &found {
+        if let Err(e) = r {
+            refused += 1;
+            println!("refused: {}: {e}", path.display());
+        }
+    }
+    let dirs: Vec<String> = host
+        .search_dirs()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    println!("searched: {}", dirs.join(", "));
+    if backends.is_empty() {
+        eprintln!("no backend plugins found (build them with `cargo build --release --workspace`)");
+        return Ok(ExitCode::FAILURE);
+    }
+    if refused > 0 {
+        warn!("{refused} librar(y/ies) refused");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The example model's manifest: T1 MRI, percentile window, 64^3 windows.
+pub fn example_manifest(roi: [usize; 3]) -> Manifest {
+    Manifest {
+        format: manifest::MANIFEST_FORMAT,
+        name: Some("infl8-example-head-mask".into()),
+        input_channels: 1,
+        labels: vec!["background".into(), "head".into()],
+        inference: InferenceMode::SlidingWindow(SlidingWindow {
+            roi,
+            overlap: 0.25,
+            mode: BlendMode::Gaussian,
+            ..SlidingWindow::default()
+        }),
+        preprocess: PreprocessSpec {
+            reorient: true,
+            target_spacing: Some([2.0, 2.0, 2.0]),
+            normalization: Normalization::Percentile { lo: 1.0, hi: 99.0 },
+        },
+    }
+}
+
+pub fn example_model(a: ExampleModelArgs) -> Result<ExitCode> {
+    let roi = [a.roi[0], a.roi[1], a.roi[2]];
+    let mut model = infl8_onnx::examples::head_mask_model(
+        [roi[0] as i64, roi[1] as i64, roi[2] as i64],
+        0.12,
+        20.0,
+    );
+    infl8_onnx::set_metadata(
+        &mut model,
+        infl8_onnx::MANIFEST_KEY,
+        &example_manifest(roi).to_json(),
+    );
+    infl8_onnx::write_model(&model, &a.out)?;
+    println!("wrote {}", a.out.display());
+    Ok(ExitCode::SUCCESS)
+}

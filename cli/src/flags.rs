@@ -1,0 +1,185 @@
+//! Command-line flags, and their translation into the top config layer.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use serde_json::{Map, Value, json};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Blend {
+    Gaussian,
+    Constant,
+}
+
+/// Flags shared by every command that loads a model.
+#[derive(Args, Debug, Default)]
+pub struct RuntimeArgs {
+    /// Settings file (a firmware profile); layered under INFL8_* env and flags.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Backend to run on (see `infl8 plugins`).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Backend worker threads (0 = all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Windows per backend call.
+    #[arg(long, value_name = "N")]
+    pub batch: Option<usize>,
+    /// Extra directory to search for plugins (repeatable).
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    pub plugin_dirs: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SegmentArgs {
+    /// ONNX model (with an infl8 manifest, or settings given as flags).
+    #[arg(long, value_name = "MODEL.onnx")]
+    pub model: PathBuf,
+    /// Input NIfTI file, or a folder of them.
+    #[arg(long, value_name = "IN.nii[.gz]|DIR")]
+    pub input: PathBuf,
+    /// Output label file (uint8 NIfTI), or a folder when the input is one.
+    #[arg(long, value_name = "OUT.nii.gz|DIR")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Window size (voxels) for sliding-window inference.
+    #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"])]
+    pub roi: Option<Vec<usize>>,
+    /// Fraction by which neighbouring windows overlap, in [0, 1).
+    #[arg(long)]
+    pub overlap: Option<f64>,
+    /// How overlapping windows are blended.
+    #[arg(long, value_enum)]
+    pub mode: Option<Blend>,
+    /// Gaussian sigma as a fraction of the window size.
+    #[arg(long)]
+    pub sigma_scale: Option<f64>,
+    /// 2.5D slab inference with this many neighbouring slices.
+    #[arg(long, value_name = "D")]
+    pub slab_depth: Option<usize>,
+    /// Intensity window: clip to [LO, HI], scale to [0, 1].
+    #[arg(long, num_args = 2, value_names = ["LO", "HI"], allow_negative_numbers = true)]
+    pub window: Option<Vec<f64>>,
+    /// z-score intensities instead of a window.
+    #[arg(long)]
+    pub zscore: bool,
+    /// Resample to this voxel spacing (mm) before inference.
+    #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"])]
+    pub spacing: Option<Vec<f64>>,
+    /// Input channels of a model without a manifest.
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Keep only the largest connected component of each label.
+    #[arg(long)]
+    pub largest_component: bool,
+    /// Also write the blended per-class logits (float32 NIfTI, channel last).
+    #[arg(long, value_name = "PATH")]
+    pub save_logits: Option<PathBuf>,
+    /// Refuse inputs with more voxels than this (checked from the header).
+    #[arg(long)]
+    pub max_voxels: Option<u64>,
+    /// Write a per-volume JSON report (timings, windows, label volumes).
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// ONNX model.
+    pub model: PathBuf,
+    /// Also load the model on a backend to show the shapes it resolved.
+    #[arg(long)]
+    pub load: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct PluginsArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ExampleModelArgs {
+    /// Where to write the model.
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+    /// Window size the model is declared with.
+    #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"], default_values_t = [64usize, 64, 64])]
+    pub roi: Vec<usize>,
+}
+
+fn put(map: &mut Map<String, Value>, key: &str, v: Value) {
+    map.insert(key.into(), v);
+}
+
+impl RuntimeArgs {
+    /// The flags the user gave, as a config layer.
+    pub fn layer(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        if let Some(b) = &self.backend {
+            put(&mut m, "backend", json!(b));
+        }
+        if let Some(t) = self.threads {
+            put(&mut m, "threads", json!(t));
+        }
+        if let Some(b) = self.batch {
+            put(&mut m, "window_batch", json!(b));
+        }
+        if !self.plugin_dirs.is_empty() {
+            put(&mut m, "plugin_dirs", json!(self.plugin_dirs));
+        }
+        m
+    }
+}
+
+impl SegmentArgs {
+    pub fn layer(&self) -> Value {
+        let mut top = self.runtime.layer();
+        let mut model = Map::new();
+        if let Some(r) = &self.roi {
+            put(&mut model, "roi", json!(r));
+        }
+        if let Some(o) = self.overlap {
+            put(&mut model, "overlap", json!(o));
+        }
+        if let Some(b) = self.mode {
+            let s = match b {
+                Blend::Gaussian => "gaussian",
+                Blend::Constant => "constant",
+            };
+            put(&mut model, "blend", json!(s));
+        }
+        if let Some(s) = self.sigma_scale {
+            put(&mut model, "sigma_scale", json!(s));
+        }
+        if let Some(d) = self.slab_depth {
+            put(&mut model, "slab_depth", json!(d));
+        }
+        if let Some(w) = &self.window {
+            put(&mut model, "window", json!(w));
+        }
+        if self.zscore {
+            put(&mut model, "zscore", json!(true));
+        }
+        if let Some(s) = &self.spacing {
+            put(&mut model, "spacing", json!(s));
+        }
+        if let Some(c) = self.channels {
+            put(&mut model, "input_channels", json!(c));
+        }
+        if !model.is_empty() {
+            put(&mut top, "model", Value::Object(model));
+        }
+        if self.largest_component {
+            put(&mut top, "postprocess", json!({"largest_component": true}));
+        }
+        if let Some(v) = self.max_voxels {
+            put(&mut top, "limits", json!({"max_voxels": v}));
+        }
+        Value::Object(top)
+    }
+}

@@ -1,0 +1,50 @@
+//! `infl8`: segment NIfTI volumes with a backend plugin.
+
+mod commands;
+mod flags;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "infl8", version, about = "Edge runtime for 3D medical image segmentation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Segment a NIfTI volume (or every volume in a folder).
+    Segment(flags::SegmentArgs),
+    /// Print a model's inputs, outputs and manifest.
+    Info(flags::InfoArgs),
+    /// List the backend plugins found.
+    Plugins(flags::PluginsArgs),
+    /// Write the built-in example model (a head/background network).
+    ExampleModel(flags::ExampleModelArgs),
+}
+
+fn main() -> ExitCode {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Segment(a) => commands::segment(a),
+        Command::Info(a) => commands::info(a),
+        Command::Plugins(a) => commands::plugins(a),
+        Command::ExampleModel(a) => commands::example_model(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

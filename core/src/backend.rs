@@ -1,0 +1,205 @@
+//! What a compute backend offers the runtime: load a model, describe its
+//! I/O, run a batch. In-process implementations (tests) and plugins loaded
+//! from shared libraries (see [`crate::plugin`]) both implement these traits.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot load model {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("model run failed: {0}")]
+    Run(String),
+    #[error("input shape {got:?} does not fit the model's input {expected}")]
+    Shape { got: Vec<usize>, expected: String },
+    #[error("backend panicked: {0}")]
+    Panic(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One dimension of a model tensor: a fixed size, or symbolic (e.g. the batch).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Dim {
+    Fixed(usize),
+    Symbolic(String),
+}
+
+impl Dim {
+    pub fn fixed(&self) -> Option<usize> {
+        match self {
+            Dim::Fixed(n) => Some(*n),
+            Dim::Symbolic(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbolic(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+/// Name and shape of a model input or output (f32 only in ABI v1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<Dim>,
+}
+
+impl TensorInfo {
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Does a concrete shape fit this (possibly symbolic) shape?
+    pub fn accepts(&self, shape: &[usize]) -> bool {
+        shape.len() == self.shape.len()
+            && self
+                .shape
+                .iter()
+                .zip(shape)
+                .all(|(d, &n)| d.fixed().is_none_or(|f| f == n))
+    }
+}
+
+impl fmt::Display for TensorInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        write!(f, "{} [{}]", self.name, dims.join(", "))
+    }
+}
+
+/// Options handed to a backend when it loads a model. Crosses the plugin
+/// boundary as JSON, so new keys never change the ABI.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LoadOptions {
+    /// Worker threads the backend may use; 0 = backend's choice.
+    #[serde(default)]
+    pub threads: usize,
+    /// Backend-specific settings (e.g. TensorRT cache dirs), passed through.
+    #[serde(default)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A buffer owned by someone else (a plugin), released when dropped.
+pub trait ForeignBuffer: Send {
+    fn as_slice(&self) -> &[f32];
+}
+
+enum Storage {
+    Owned(Vec<f32>),
+    Foreign(Box<dyn ForeignBuffer>),
+}
+
+/// A dense, contiguous f32 tensor in C order.
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: Storage,
+}
+
+impl Tensor {
+    pub fn from_vec(shape: Vec<usize>, data: Vec<f32>) -> Result<Self, BackendError> {
+        check_len(&shape, data.len())?;
+        Ok(Tensor {
+            shape,
+            storage: Storage::Owned(data),
+        })
+    }
+
+    /// Wraps a buffer a plugin allocated, without copying it.
+    pub fn from_foreign(
+        shape: Vec<usize>,
+        buf: Box<dyn ForeignBuffer>,
+    ) -> Result<Self, BackendError> {
+        check_len(&shape, buf.as_slice().len())?;
+        Ok(Tensor {
+            shape,
+            storage: Storage::Foreign(buf),
+        })
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn data(&self) -> &[f32] {
+        match &self.storage {
+            Storage::Owned(v) => v,
+            Storage::Foreign(b) => b.as_slice(),
+        }
+    }
+
+    pub fn into_vec(self) -> Vec<f32> {
+        match self.storage {
+            Storage::Owned(v) => v,
+            Storage::Foreign(b) => b.as_slice().to_vec(),
+        }
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tensor").field("shape", &self.shape).finish()
+    }
+}
+
+fn check_len(shape: &[usize], len: usize) -> Result<(), BackendError> {
+    let want = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| BackendError::Other(format!("tensor shape {shape:?} overflows")))?;
+    if want != len {
+        return Err(BackendError::Other(format!(
+            "tensor shape {shape:?} needs {want} values, buffer has {len}"
+        )));
+    }
+    Ok(())
+}
+
+/// A compute backend (tract, ONNX Runtime, a vendor's accelerator...).
+pub trait Backend: Send + Sync {
+    /// Unique name users select it by (`tract`, `ort-cuda`, ...).
+    fn name(&self) -> &str;
+    /// One line for `infl8 plugins`.
+    fn description(&self) -> &str;
+    fn load(&self, model: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, BackendError>;
+}
+
+/// A model loaded by a backend, ready to run batches. One input, one output.
+pub trait Model: Send + Sync {
+    fn input(&self) -> &TensorInfo;
+    fn output(&self) -> &TensorInfo;
+    /// Runs one batch. `data` is contiguous f32 in C order with `shape`
+    /// (batch first). Implementations may run the batch's items in parallel.
+    fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symbolic_dims_accept_any_size() {
+        let info = TensorInfo {
+            name: "x".into(),
+            shape: vec![Dim::Symbolic("N".into()), Dim::Fixed(1), Dim::Fixed(8)],
+        };
+        assert!(info.accepts(&[3, 1, 8]));
+        assert!(!info.accepts(&[3, 2, 8]));
+        assert!(!info.accepts(&[3, 1]));
+    }
+
+    #[test]
+    fn tensor_checks_length() {
+        assert!(Tensor::from_vec(vec![2, 3], vec![0.0; 6]).is_ok());
+        assert!(Tensor::from_vec(vec![2, 3], vec![0.0; 5]).is_err());
+        assert!(Tensor::from_vec(vec![usize::MAX, 3], vec![]).is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! infl8-core: the runtime library of infl8.
+//!
+//! Data flows one way: a NIfTI file becomes a [`Volume`], is reoriented,
+//! resampled and normalised (each step recording its inverse), cut into
+//! windows or slabs that a [`backend::Model`] runs in batches, blended back,
+//! reduced to labels and mapped back onto the input's own grid.
+
+pub mod backend;
+pub mod config;
+pub mod inference;
+pub mod manifest;
+pub mod nifti_io;
+pub mod plugin;
+pub mod preprocess;
+pub mod segment;
+pub mod volume;
+
+pub use backend::{Backend, BackendError, LoadOptions, Model, Tensor, TensorInfo};
+pub use volume::Volume;

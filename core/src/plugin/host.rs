@@ -1,0 +1,1154 @@
+//! The host side of the ABI: finding plugin libraries, loading them, checking
+//! their version and wrapping their tables as [`Backend`]s.
+//!
+//! Plugins are trusted code: a library runs with the host's privileges and
+//! can break memory safety however carefully the host checks what it
+//! returns. Only point the host at directories you control.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CStr, CString, OsStr, OsString, c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::ptr::{self, NonNull};
+use std::sync::Arc;
+
+use libloading::Library;
+use tracing::level_filters::LevelFilter;
+
+use super::abi::*;
+use crate::backend::{
+    Backend, BackendError, Dim, ForeignBuffer, LoadOptions, Model, Tensor, TensorInfo,
+};
+
+/// Room for a plugin's error message; longer ones arrive truncated.
+const ERR_CAP: usize = 4096;
+
+/// More backends than this in one library is a corrupt table, not a plugin.
+const MAX_BACKENDS: u32 = 1024;
+
+// The host reads a plugin's table as one `Infl8PluginTable`, which is right
+// only while the struct is exactly its ABI 1.0 size. When a minor version
+// appends fields, read them only where `struct_size` covers them.
+const _: () = assert!(size_of::<Infl8PluginTable>() == Infl8PluginTable::MIN_SIZE as usize);
+
+/// Why a plugin library, or a backend from one, is not available.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin library {} does not exist", .library.display())]
+    NotFound { library: PathBuf },
+
+    #[error("cannot open plugin library {}: {message}", .library.display())]
+    Open { library: PathBuf, message: String },
+
+    #[error(
+        "{} is not an infl8 plugin: it does not export `{}` ({message})",
+        .library.display(),
+        INFL8_ENTRY_SYMBOL
+    )]
+    NoEntry { library: PathBuf, message: String },
+
+    #[error(
+        "plugin library {} ({plugin} {version}) speaks plugin ABI {plugin_abi}, this host \
+         speaks ABI {host_abi}; major versions must match: rebuild the plugin against a \
+         matching infl8-core",
+        .library.display()
+    )]
+    AbiMismatch {
+        library: PathBuf,
+        plugin: String,
+        version: String,
+        plugin_abi: String,
+        host_abi: String,
+    },
+
+    #[error(
+        "plugin library {}: its entry failed with status {} ({status}){}",
+        .library.display(),
+        status_name(*.status),
+        if *.status == INFL8_PANIC { "; the log holds the panic message" } else { "" }
+    )]
+    EntryFailed { library: PathBuf, status: i32 },
+
+    #[error("plugin library {} has an invalid table: {reason}", .library.display())]
+    InvalidTable { library: PathBuf, reason: String },
+
+    #[error(
+        "no backend named `{name}`; available: {}; plugin directories searched: {}",
+        list_or_none(.available),
+        list_or_none(&.searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>())
+    )]
+    UnknownBackend {
+        name: String,
+        /// `name (library path)` of every backend the host knows.
+        available: Vec<String>,
+        searched: Vec<PathBuf>,
+    },
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "(none)".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// What loading one library yielded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginSummary {
+    pub library: PathBuf,
+    pub plugin: String,
+    pub version: String,
+    /// The plugin's ABI version, `major.minor`.
+    pub abi: String,
+    /// Backends registered from this library.
+    pub backends: Vec<String>,
+    /// Backends this library declares whose names an earlier library already
+    /// took (search order decides, like `PATH`).
+    pub shadowed: Vec<String>,
+}
+
+/// One backend the host can hand out, and where it comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendInfo {
+    pub name: String,
+    pub description: String,
+    pub plugin: String,
+    pub version: String,
+    pub library: PathBuf,
+}
+
+struct LoadedLibrary {
+    canonical: PathBuf,
+    /// Address of the plugin's table: the identity of the loaded image, which
+    /// catches one file reached through two paths (hard links, copies the
+    /// loader deduplicates).
+    table: usize,
+    summary: PluginSummary,
+}
+
+struct RegisteredBackend {
+    info: BackendInfo,
+    backend: Arc<PluginBackend>,
+}
+
+/// Loads plugin libraries and hands out their backends.
+///
+/// Libraries are searched in the configured directories, in order, then in
+/// the directory of the running executable. Loaded libraries are never
+/// unloaded: Rust code (thread-locals, registered destructors, threads a
+/// plugin spawned) is not safe to `dlclose`.
+///
+/// The host captures the current `tracing` dispatcher when it loads a
+/// library, so set up logging before loading plugins.
+pub struct PluginHost {
+    search_dirs: Vec<PathBuf>,
+    libraries: Vec<LoadedLibrary>,
+    backends: Vec<RegisteredBackend>,
+}
+
+impl PluginHost {
+    /// A host searching `dirs`, then the running executable's directory.
+    /// Loads nothing yet: see [`PluginHost::discover`].
+    pub fn new(dirs: Vec<PathBuf>) -> Self {
+        let exe_dir = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(Path::to_path_buf));
+        let mut search_dirs: Vec<PathBuf> = Vec::new();
+        for dir in dirs.into_iter().chain(exe_dir) {
+            if !search_dirs.contains(&dir) {
+                search_dirs.push(dir);
+            }
+        }
+        PluginHost {
+            search_dirs,
+            libraries: Vec::new(),
+            backends: Vec::new(),
+        }
+    }
+
+    /// Where [`PluginHost::discover`] looks, in order.
+    pub fn search_dirs(&self) -> &[PathBuf] {
+        &self.search_dirs
+    }
+
+    /// Does `path` look like a plugin library (`libinfl8_*.so` and the
+    /// platform's equivalents)?
+    pub fn is_plugin_file_name(path: &Path) -> bool {
+        let prefix = format!("{}infl8_", std::env::consts::DLL_PREFIX);
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(std::env::consts::DLL_SUFFIX))
+    }
+
+    /// Loads every plugin library in the search directories. A broken
+    /// library is reported in its entry, not fatal; missing directories are
+    /// skipped. As with `PATH`, the first directory holding a given file name
+    /// wins: a later file of the same name is neither loaded nor reported.
+    /// Libraries already loaded are reported again, not reloaded.
+    pub fn discover(&mut self) -> Vec<(PathBuf, Result<PluginSummary, PluginError>)> {
+        let mut found = Vec::new();
+        let mut reported: HashSet<PathBuf> = HashSet::new();
+        let mut names: HashMap<OsString, PathBuf> = self
+            .libraries
+            .iter()
+            .filter_map(|l| {
+                let name = l.summary.library.file_name()?;
+                Some((name.to_os_string(), l.summary.library.clone()))
+            })
+            .collect();
+        for dir in self.search_dirs.clone() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    tracing::debug!(dir = %dir.display(), "skipping plugin directory: {e}");
+                    continue;
+                }
+            };
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| Self::is_plugin_file_name(p) && p.is_file())
+                .collect();
+            paths.sort();
+            for path in paths {
+                let Some(name) = path.file_name().map(OsStr::to_os_string) else {
+                    continue;
+                };
+                if let Some(first) = names.get(&name)
+                    && *first != path
+                    && !self.is_loaded(&path)
+                {
+                    tracing::debug!(
+                        "skipping {}: shadowed by {}",
+                        path.display(),
+                        first.display()
+                    );
+                    continue;
+                }
+                let result = self.load_library(&path);
+                match &result {
+                    Ok(summary) => {
+                        names.entry(name).or_insert_with(|| summary.library.clone());
+                        if !reported.insert(summary.library.clone()) {
+                            continue;
+                        }
+                    }
+                    Err(e) => tracing::debug!("{e}"),
+                }
+                found.push((path, result));
+            }
+        }
+        found
+    }
+
+    fn is_loaded(&self, path: &Path) -> bool {
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        self.libraries.iter().any(|l| l.canonical == canonical)
+    }
+
+    /// Loads one library, whatever its name, and registers its backends.
+    /// Loading an already loaded library returns its summary again.
+    pub fn load_library(&mut self, path: impl AsRef<Path>) -> Result<PluginSummary, PluginError> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(PluginError::NotFound {
+                library: path.to_path_buf(),
+            });
+        }
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        if let Some(lib) = self.libraries.iter().find(|l| l.canonical == canonical) {
+            return Ok(lib.summary.clone());
+        }
+        // SAFETY: opening a library runs its initialisers; plugins are
+        // trusted code (see the module docs), and that is the whole point.
+        let library = unsafe { Library::new(&canonical) }.map_err(|e| PluginError::Open {
+            library: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        // Never unloaded, whatever happens next: once the entry has run, the
+        // plugin may hold threads, thread-locals and destructors that must
+        // not outlive its code.
+        let library: &'static Library = Box::leak(Box::new(library));
+        // SAFETY: the entry symbol has this type in every ABI version.
+        let entry = unsafe { library.get::<Infl8PluginEntryFn>(INFL8_ENTRY_SYMBOL) }
+            .map(|symbol| *symbol)
+            .map_err(|e| PluginError::NoEntry {
+                library: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        // SAFETY: `entry` comes from a library that exports the ABI's entry
+        // symbol and stays loaded for the process.
+        unsafe { self.attach(path.to_path_buf(), canonical, entry) }
+    }
+
+    /// Registers a plugin linked into this binary (no library to open), e.g.
+    /// a statically linked default backend. `label` stands in for the
+    /// library path in listings and errors.
+    ///
+    /// # Safety
+    /// `entry` must implement the infl8 plugin ABI (as the entry generated by
+    /// [`export_plugin!`](crate::export_plugin) does) and its code must stay
+    /// valid for the rest of the process.
+    pub unsafe fn register_entry(
+        &mut self,
+        label: impl Into<PathBuf>,
+        entry: Infl8PluginEntryFn,
+    ) -> Result<PluginSummary, PluginError> {
+        let label = label.into();
+        // SAFETY: forwarded from the caller.
+        unsafe { self.attach(label.clone(), label, entry) }
+    }
+
+    /// Every backend the host can hand out, in registration order.
+    pub fn backends(&self) -> Vec<BackendInfo> {
+        self.backends.iter().map(|b| b.info.clone()).collect()
+    }
+
+    /// Summaries of the libraries loaded so far.
+    pub fn libraries(&self) -> Vec<PluginSummary> {
+        self.libraries.iter().map(|l| l.summary.clone()).collect()
+    }
+
+    /// The backend called `name`.
+    pub fn backend(&self, name: &str) -> Result<Arc<dyn Backend>, PluginError> {
+        match self.backends.iter().find(|b| b.info.name == name) {
+            Some(b) => Ok(b.backend.clone()),
+            None => Err(PluginError::UnknownBackend {
+                name: name.to_owned(),
+                available: self
+                    .backends
+                    .iter()
+                    .map(|b| format!("{} ({})", b.info.name, b.info.library.display()))
+                    .collect(),
+                searched: self.search_dirs.clone(),
+            }),
+        }
+    }
+
+    /// Calls a plugin's entry, checks its table and registers its backends.
+    ///
+    /// # Safety
+    /// `entry` must be a plugin entry whose code stays loaded for the process.
+    unsafe fn attach(
+        &mut self,
+        library: PathBuf,
+        canonical: PathBuf,
+        entry: Infl8PluginEntryFn,
+    ) -> Result<PluginSummary, PluginError> {
+        let api = host_api(&library);
+        let mut table: *const Infl8PluginTable = ptr::null();
+        // SAFETY: the entry's signature is fixed by the ABI; `api` is valid
+        // for the process and `table` is writable.
+        let status = unsafe { entry(INFL8_ABI_VERSION, api, &mut table) };
+        if table.is_null() {
+            return Err(if status == INFL8_OK {
+                PluginError::InvalidTable {
+                    library,
+                    reason: "the entry returned OK but no table".into(),
+                }
+            } else {
+                PluginError::EntryFailed { library, status }
+            });
+        }
+        if let Some(lib) = self.libraries.iter().find(|l| l.table == table as usize) {
+            return Ok(lib.summary.clone());
+        }
+        // SAFETY: the table's plugin-owned memory lives as long as the
+        // library, i.e. forever.
+        let checked = unsafe { check_table(&library, status, table) }?;
+
+        let fns = Arc::new(PluginFns {
+            library: library.clone(),
+            model_load: checked.model_load,
+            model_free: checked.model_free,
+            model_io: checked.model_io,
+            model_run: checked.model_run,
+            tensor_free: checked.tensor_free,
+        });
+        let mut summary = PluginSummary {
+            library: library.clone(),
+            plugin: checked.plugin.clone(),
+            version: checked.version.clone(),
+            abi: version_string(checked.abi_version),
+            backends: Vec::new(),
+            shadowed: Vec::new(),
+        };
+        for (index, (name, description)) in checked.backends.into_iter().enumerate() {
+            if let Some(first) = self.backends.iter().find(|b| b.info.name == name) {
+                tracing::warn!(
+                    "backend `{name}` of {} is shadowed by the one from {}",
+                    library.display(),
+                    first.info.library.display()
+                );
+                summary.shadowed.push(name);
+                continue;
+            }
+            let info = BackendInfo {
+                name: name.clone(),
+                description: description.clone(),
+                plugin: checked.plugin.clone(),
+                version: checked.version.clone(),
+                library: library.clone(),
+            };
+            let backend = Arc::new(PluginBackend {
+                fns: fns.clone(),
+                // Bounded by MAX_BACKENDS in check_table.
+                index: index as u32,
+                name,
+                description,
+            });
+            summary.backends.push(info.name.clone());
+            self.backends.push(RegisteredBackend { info, backend });
+        }
+        tracing::debug!(
+            library = %library.display(),
+            plugin = %summary.plugin,
+            version = %summary.version,
+            backends = ?summary.backends,
+            "plugin loaded"
+        );
+        self.libraries.push(LoadedLibrary {
+            canonical,
+            table: table as usize,
+            summary: summary.clone(),
+        });
+        Ok(summary)
+    }
+}
+
+/// A table that passed every check, copied out of plugin memory.
+struct CheckedTable {
+    abi_version: u32,
+    plugin: String,
+    version: String,
+    backends: Vec<(String, String)>,
+    model_load: Infl8ModelLoadFn,
+    model_free: Infl8ModelFreeFn,
+    model_io: Infl8ModelIoFn,
+    model_run: Infl8ModelRunFn,
+    tensor_free: Infl8TensorFreeFn,
+}
+
+/// Text of a NUL-terminated string from a plugin; invalid UTF-8 replaced.
+///
+/// # Safety
+/// `p` must be null or point to a NUL-terminated string.
+unsafe fn lossy<'a>(p: *const c_char) -> Option<Cow<'a, str>> {
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: non-null and NUL-terminated by the caller's contract.
+        Some(unsafe { CStr::from_ptr(p) }.to_string_lossy())
+    }
+}
+
+/// Checks a table the entry returned: version first (only the frozen header
+/// is readable before that), then size, strings and functions.
+///
+/// # Safety
+/// `table` must be non-null and point to plugin memory that stays valid.
+unsafe fn check_table(
+    library: &Path,
+    status: i32,
+    table: *const Infl8PluginTable,
+) -> Result<CheckedTable, PluginError> {
+    let invalid = |reason: String| PluginError::InvalidTable {
+        library: library.to_path_buf(),
+        reason,
+    };
+    if !table.is_aligned() {
+        return Err(invalid("the table pointer is misaligned".into()));
+    }
+    // SAFETY: `abi_version` and `struct_size` lead the table in every
+    // version; only they are read until the size is known.
+    let (abi_version, struct_size) = unsafe { ((*table).abi_version, (*table).struct_size) };
+    let header = if struct_size as usize >= size_of::<Infl8PluginHeader>() {
+        // SAFETY: the table declares itself at least header-sized, and the
+        // header's fields are frozen across every major.
+        Some(unsafe { ptr::read(table.cast::<Infl8PluginHeader>()) })
+    } else {
+        None
+    };
+    let name_of = |p: Option<*const c_char>| {
+        // SAFETY: strings in the header are null or NUL-terminated (ABI).
+        p.and_then(|p| unsafe { lossy(p) })
+            .map_or_else(|| "?".to_owned(), Cow::into_owned)
+    };
+    let plugin = name_of(header.map(|h| h.plugin_name));
+    let version = name_of(header.map(|h| h.plugin_version));
+
+    if abi_major(abi_version) != INFL8_ABI_MAJOR {
+        return Err(PluginError::AbiMismatch {
+            library: library.to_path_buf(),
+            plugin,
+            version,
+            plugin_abi: version_string(abi_version),
+            host_abi: version_string(INFL8_ABI_VERSION),
+        });
+    }
+    if status != INFL8_OK {
+        return Err(PluginError::EntryFailed {
+            library: library.to_path_buf(),
+            status,
+        });
+    }
+    if struct_size < Infl8PluginTable::MIN_SIZE {
+        return Err(invalid(format!(
+            "the table is {struct_size} bytes, ABI {} needs at least {}",
+            version_string(abi_version),
+            Infl8PluginTable::MIN_SIZE
+        )));
+    }
+    // SAFETY: the table is at least as large as ABI 1.0's (checked above),
+    // which is exactly `Infl8PluginTable` (asserted at compile time).
+    let t = unsafe { ptr::read(table) };
+    if header.is_some_and(|h| h.plugin_name.is_null()) {
+        return Err(invalid("plugin_name is null".into()));
+    }
+
+    let missing = |what: &str| invalid(format!("{what} is null"));
+    let model_load = t.model_load.ok_or_else(|| missing("model_load"))?;
+    let model_free = t.model_free.ok_or_else(|| missing("model_free"))?;
+    let model_io = t.model_io.ok_or_else(|| missing("model_io"))?;
+    let model_run = t.model_run.ok_or_else(|| missing("model_run"))?;
+    let tensor_free = t.tensor_free.ok_or_else(|| missing("tensor_free"))?;
+
+    if t.backend_count > MAX_BACKENDS {
+        return Err(invalid(format!(
+            "it declares {} backends (at most {MAX_BACKENDS})",
+            t.backend_count
+        )));
+    }
+    let stride = t.backend_desc_size as usize;
+    if t.backend_count > 0 {
+        if stride < size_of::<Infl8BackendDesc>()
+            || !stride.is_multiple_of(align_of::<Infl8BackendDesc>())
+        {
+            return Err(invalid(format!("backend_desc_size {stride} is not usable")));
+        }
+        if t.backends.is_null() || !t.backends.is_aligned() {
+            return Err(invalid("backends is null or misaligned".into()));
+        }
+    }
+    let mut backends: Vec<(String, String)> = Vec::with_capacity(t.backend_count as usize);
+    for i in 0..t.backend_count as usize {
+        // SAFETY: the plugin declares `backend_count` descriptors `stride`
+        // bytes apart, each starting with the ABI 1.0 fields; the stride is
+        // a multiple of the descriptor's alignment.
+        let desc = unsafe {
+            ptr::read(
+                t.backends
+                    .cast::<u8>()
+                    .add(i * stride)
+                    .cast::<Infl8BackendDesc>(),
+            )
+        };
+        if desc.name.is_null() {
+            return Err(invalid(format!("backend {i} has no name")));
+        }
+        // SAFETY: non-null, NUL-terminated by the ABI.
+        let name = unsafe { CStr::from_ptr(desc.name) }
+            .to_str()
+            .map_err(|_| invalid(format!("the name of backend {i} is not UTF-8")))?
+            .to_owned();
+        if name.is_empty() || backends.iter().any(|(n, _)| *n == name) {
+            return Err(invalid(format!(
+                "backend name `{name}` is empty or repeated"
+            )));
+        }
+        // SAFETY: null or NUL-terminated by the ABI.
+        let description = unsafe { lossy(desc.description) }
+            .map(Cow::into_owned)
+            .unwrap_or_default();
+        backends.push((name, description));
+    }
+    Ok(CheckedTable {
+        abi_version,
+        plugin,
+        version,
+        backends,
+        model_load,
+        model_free,
+        model_io,
+        model_run,
+        tensor_free,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Host services offered to plugins.
+// ---------------------------------------------------------------------------
+
+/// What the host's log callback gets back as its context.
+struct LogCtx {
+    library: String,
+}
+
+/// The host API for one library. Leaked: plugins may keep the pointer and
+/// call the log callback for the rest of the process.
+fn host_api(library: &Path) -> &'static Infl8HostApi {
+    let label = library.file_name().map_or_else(
+        || library.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let ctx: &'static LogCtx = Box::leak(Box::new(LogCtx { library: label }));
+    let dispatch: &'static tracing::Dispatch =
+        Box::leak(Box::new(tracing::dispatcher::get_default(|d| d.clone())));
+    Box::leak(Box::new(Infl8HostApi {
+        abi_version: INFL8_ABI_VERSION,
+        struct_size: size_of::<Infl8HostApi>() as u32,
+        log_max_level: abi_log_level(LevelFilter::current()),
+        reserved: 0,
+        log_ctx: ptr::from_ref(ctx).cast_mut().cast::<c_void>(),
+        log: Some(host_log),
+        rust_tracing_compat: super::tracing_compat().as_ptr(),
+        rust_tracing_dispatch: ptr::from_ref(dispatch).cast::<c_void>(),
+    }))
+}
+
+fn abi_log_level(filter: LevelFilter) -> u32 {
+    match filter.into_level() {
+        None => INFL8_LOG_OFF,
+        Some(tracing::Level::ERROR) => INFL8_LOG_ERROR,
+        Some(tracing::Level::WARN) => INFL8_LOG_WARN,
+        Some(tracing::Level::INFO) => INFL8_LOG_INFO,
+        Some(tracing::Level::DEBUG) => INFL8_LOG_DEBUG,
+        Some(tracing::Level::TRACE) => INFL8_LOG_TRACE,
+    }
+}
+
+/// The C log callback every plugin may use: re-emits the record as a
+/// `tracing` event with target `infl8::plugin`.
+unsafe extern "C" fn host_log(
+    ctx: *mut c_void,
+    level: u32,
+    target: *const c_char,
+    message: *const c_char,
+) {
+    let logged = catch_unwind(AssertUnwindSafe(|| {
+        let library = if ctx.is_null() {
+            "?"
+        } else {
+            // SAFETY: a non-null ctx is the LogCtx leaked in `host_api`,
+            // handed back by the plugin as the ABI requires.
+            unsafe { &(*ctx.cast_const().cast::<LogCtx>()).library }.as_str()
+        };
+        // SAFETY: null or NUL-terminated, borrowed for this call (ABI).
+        let module = unsafe { lossy(target) }.unwrap_or_default();
+        // SAFETY: as above.
+        let message = unsafe { lossy(message) }.unwrap_or_default();
+        macro_rules! emit {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "infl8::plugin",
+                    $level,
+                    plugin = library,
+                    module = %module,
+                    "{message}"
+                )
+            };
+        }
+        match level {
+            INFL8_LOG_ERROR => emit!(tracing::Level::ERROR),
+            INFL8_LOG_WARN => emit!(tracing::Level::WARN),
+            INFL8_LOG_INFO => emit!(tracing::Level::INFO),
+            INFL8_LOG_DEBUG => emit!(tracing::Level::DEBUG),
+            _ => emit!(tracing::Level::TRACE),
+        }
+    }));
+    // Unwinding out of an `extern "C"` callback would abort the process.
+    if let Err(payload) = logged {
+        super::export::drop_payload(payload);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Backend and Model over a plugin table.
+// ---------------------------------------------------------------------------
+
+/// The function pointers of one library (plain `fn` pointers: `Send + Sync`).
+struct PluginFns {
+    library: PathBuf,
+    model_load: Infl8ModelLoadFn,
+    model_free: Infl8ModelFreeFn,
+    model_io: Infl8ModelIoFn,
+    model_run: Infl8ModelRunFn,
+    tensor_free: Infl8TensorFreeFn,
+}
+
+/// The message a plugin wrote for a failed call.
+fn plugin_message(status: i32, err: &[u8]) -> String {
+    let message = read_message(err);
+    if message.is_empty() {
+        format!(
+            "the plugin reported {} without a message",
+            status_name(status)
+        )
+    } else {
+        message
+    }
+}
+
+struct PluginBackend {
+    fns: Arc<PluginFns>,
+    index: u32,
+    name: String,
+    description: String,
+}
+
+impl Backend for PluginBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn description(&self) -> &str {
+        &self.description
+    }
+
+    fn load(&self, model: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, BackendError> {
+        let load_error = |message: String| BackendError::Load {
+            path: model.display().to_string(),
+            message,
+        };
+        let path = model.to_str().ok_or_else(|| {
+            load_error("the path is not valid UTF-8, which plugins require".into())
+        })?;
+        let path =
+            CString::new(path).map_err(|_| load_error("the path contains a NUL byte".into()))?;
+        let json = serde_json::to_string(opts)
+            .ok()
+            .and_then(|j| CString::new(j).ok())
+            .ok_or_else(|| BackendError::Other("cannot encode the load options as JSON".into()))?;
+        let mut handle: *mut Infl8Model = ptr::null_mut();
+        let mut err = [0u8; ERR_CAP];
+        // SAFETY: the strings are NUL-terminated and outlive the call, the
+        // out pointer and error buffer are writable; the index was declared
+        // by this plugin.
+        let status = unsafe {
+            (self.fns.model_load)(
+                self.index,
+                path.as_ptr(),
+                json.as_ptr(),
+                &mut handle,
+                err.as_mut_ptr().cast(),
+                err.len(),
+            )
+        };
+        if status != INFL8_OK {
+            let message = plugin_message(status, &err);
+            return Err(match status {
+                INFL8_PANIC => BackendError::Panic(message),
+                _ => load_error(message),
+            });
+        }
+        let ptr = NonNull::new(handle).ok_or_else(|| {
+            load_error(format!(
+                "plugin library {} returned OK without a model handle",
+                self.fns.library.display()
+            ))
+        })?;
+        let handle = ModelHandle {
+            fns: self.fns.clone(),
+            ptr,
+        };
+        let (input, output) = handle.io()?;
+        Ok(Box::new(PluginModel {
+            handle,
+            input,
+            output,
+        }))
+    }
+}
+
+/// Owns a plugin's model handle; frees it on drop.
+struct ModelHandle {
+    fns: Arc<PluginFns>,
+    ptr: NonNull<Infl8Model>,
+}
+
+// SAFETY: the ABI allows every call on a model handle from any thread,
+// concurrently (`model_free` aside, which only `Drop` calls, with `&mut`).
+unsafe impl Send for ModelHandle {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for ModelHandle {}
+
+impl Drop for ModelHandle {
+    fn drop(&mut self) {
+        // SAFETY: the handle is live and freed exactly once, here.
+        let status = unsafe { (self.fns.model_free)(self.ptr.as_ptr()) };
+        if status != INFL8_OK {
+            tracing::warn!(
+                library = %self.fns.library.display(),
+                "model_free failed with status {}",
+                status_name(status)
+            );
+        }
+    }
+}
+
+const EMPTY_DESC: Infl8TensorDesc = Infl8TensorDesc {
+    name: ptr::null(),
+    rank: 0,
+    reserved: 0,
+    dims: [0; INFL8_MAX_RANK],
+};
+
+impl ModelHandle {
+    fn io(&self) -> Result<(TensorInfo, TensorInfo), BackendError> {
+        let mut io = Infl8ModelIo {
+            struct_size: size_of::<Infl8ModelIo>() as u32,
+            reserved: 0,
+            input: EMPTY_DESC,
+            output: EMPTY_DESC,
+        };
+        let mut err = [0u8; ERR_CAP];
+        // SAFETY: live handle, writable out struct and error buffer.
+        let status = unsafe {
+            (self.fns.model_io)(
+                self.ptr.as_ptr(),
+                &mut io,
+                err.as_mut_ptr().cast(),
+                err.len(),
+            )
+        };
+        if status != INFL8_OK {
+            let message = plugin_message(status, &err);
+            return Err(match status {
+                INFL8_PANIC => BackendError::Panic(message),
+                _ => BackendError::Other(format!(
+                    "plugin library {} cannot describe the model: {message}",
+                    self.fns.library.display()
+                )),
+            });
+        }
+        // The names stay valid until model_free; tensor_info copies them.
+        let info = |desc: &Infl8TensorDesc, default: &str| {
+            tensor_info(desc, default).map_err(|reason| {
+                BackendError::Other(format!(
+                    "plugin library {} describes its model badly: {reason}",
+                    self.fns.library.display()
+                ))
+            })
+        };
+        Ok((info(&io.input, "input")?, info(&io.output, "output")?))
+    }
+}
+
+/// A descriptor as a [`TensorInfo`]. A symbolic first dimension is the batch
+/// (`N`); other symbolic dimensions are unnamed in ABI 1 (`?`).
+fn tensor_info(desc: &Infl8TensorDesc, default_name: &str) -> Result<TensorInfo, String> {
+    let rank = desc.rank as usize;
+    if rank > INFL8_MAX_RANK {
+        return Err(format!("rank {rank} exceeds {INFL8_MAX_RANK}"));
+    }
+    // SAFETY: null or NUL-terminated, valid while the model lives (ABI).
+    let name = unsafe { lossy(desc.name) }.map_or_else(|| default_name.to_owned(), Cow::into_owned);
+    let shape = desc.dims[..rank]
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| match d {
+            INFL8_DIM_SYMBOLIC if i == 0 => Ok(Dim::Symbolic("N".into())),
+            INFL8_DIM_SYMBOLIC => Ok(Dim::Symbolic("?".into())),
+            d => usize::try_from(d)
+                .map(Dim::Fixed)
+                .map_err(|_| format!("dimension {i} of {name} is {d}")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TensorInfo { name, shape })
+}
+
+struct PluginModel {
+    handle: ModelHandle,
+    input: TensorInfo,
+    output: TensorInfo,
+}
+
+impl Model for PluginModel {
+    fn input(&self) -> &TensorInfo {
+        &self.input
+    }
+
+    fn output(&self) -> &TensorInfo {
+        &self.output
+    }
+
+    fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
+        let fns = &self.handle.fns;
+        // Checked here so that the plugin only ever sees inputs that fit,
+        // and so that the rank fits the ABI (the input's rank does).
+        if !self.input.accepts(shape) {
+            return Err(BackendError::Shape {
+                got: shape.to_vec(),
+                expected: self.input.to_string(),
+            });
+        }
+        let want = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if want != Some(data.len()) {
+            return Err(BackendError::Other(format!(
+                "input holds {} values, shape {shape:?} needs {}",
+                data.len(),
+                want.map_or_else(|| "more than usize::MAX".into(), |n| n.to_string())
+            )));
+        }
+        let mut dims = [0u64; INFL8_MAX_RANK];
+        for (slot, &d) in dims.iter_mut().zip(shape) {
+            *slot = d as u64;
+        }
+        let mut out = Infl8TensorOut {
+            struct_size: size_of::<Infl8TensorOut>() as u32,
+            rank: 0,
+            shape: [0; INFL8_MAX_RANK],
+            data: ptr::null(),
+            len: 0,
+            owner: ptr::null_mut(),
+        };
+        let mut err = [0u8; ERR_CAP];
+        // SAFETY: live handle; `data` holds the product of `dims[..rank]`
+        // values (checked above) and outlives the call; out struct and error
+        // buffer are writable.
+        let status = unsafe {
+            (fns.model_run)(
+                self.handle.ptr.as_ptr(),
+                data.as_ptr(),
+                dims.as_ptr(),
+                shape.len() as u32,
+                &mut out,
+                err.as_mut_ptr().cast(),
+                err.len(),
+            )
+        };
+        if status != INFL8_OK {
+            // On failure the out struct is not ours to free (ABI).
+            let message = plugin_message(status, &err);
+            return Err(match status {
+                INFL8_PANIC => BackendError::Panic(message),
+                INFL8_SHAPE_MISMATCH => BackendError::Shape {
+                    got: shape.to_vec(),
+                    expected: match read_message(&err) {
+                        m if m.is_empty() => self.input.to_string(),
+                        m => m,
+                    },
+                },
+                _ => BackendError::Run(message),
+            });
+        }
+        // Owned from here on: every early return below frees it.
+        let mut buffer = PluginBuffer {
+            fns: fns.clone(),
+            owner: out.owner,
+            data: out.data,
+            len: 0,
+        };
+        let invalid = |reason: String| {
+            BackendError::Run(format!(
+                "plugin library {} returned an invalid output: {reason}",
+                fns.library.display()
+            ))
+        };
+        let (out_shape, len) = check_output(&out).map_err(invalid)?;
+        if !self.output.accepts(&out_shape) {
+            return Err(invalid(format!(
+                "shape {out_shape:?} does not fit the declared output {}",
+                self.output
+            )));
+        }
+        let batch_is_symbolic =
+            |info: &TensorInfo| matches!(info.shape.first(), Some(Dim::Symbolic(_)));
+        if batch_is_symbolic(&self.input)
+            && batch_is_symbolic(&self.output)
+            && out_shape.first() != shape.first()
+        {
+            return Err(invalid(format!(
+                "batch of {} for an input batch of {}",
+                out_shape[0], shape[0]
+            )));
+        }
+        buffer.len = len;
+        Tensor::from_foreign(out_shape, Box::new(buffer))
+    }
+}
+
+/// Checks a tensor a plugin returned; yields its shape and length.
+fn check_output(out: &Infl8TensorOut) -> Result<(Vec<usize>, usize), String> {
+    let rank = out.rank as usize;
+    if rank > INFL8_MAX_RANK {
+        return Err(format!("rank {rank} exceeds {INFL8_MAX_RANK}"));
+    }
+    let shape = out.shape[..rank]
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| format!("shape {:?} does not fit in memory", &out.shape[..rank]))?;
+    let want = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("shape {shape:?} overflows"))?;
+    let len = usize::try_from(out.len).map_err(|_| format!("length {} overflows", out.len))?;
+    if want != len {
+        return Err(format!(
+            "shape {shape:?} needs {want} values but the buffer holds {len}"
+        ));
+    }
+    if len > 0 {
+        if out.data.is_null() {
+            return Err(format!("null data for {len} values"));
+        }
+        if !out.data.is_aligned() {
+            return Err("data is not aligned for f32".into());
+        }
+        if len
+            .checked_mul(size_of::<f32>())
+            .is_none_or(|b| b > isize::MAX as usize)
+        {
+            return Err(format!("{len} values do not fit in memory"));
+        }
+    }
+    Ok((shape, len))
+}
+
+/// An output tensor still owned by the plugin; released through
+/// `tensor_free` when dropped.
+struct PluginBuffer {
+    fns: Arc<PluginFns>,
+    owner: *mut c_void,
+    data: *const f32,
+    len: usize,
+}
+
+// SAFETY: the ABI lets `tensor_free` run on any thread, and the data stays
+// unchanged until then, so the buffer may move between threads.
+unsafe impl Send for PluginBuffer {}
+
+impl ForeignBuffer for PluginBuffer {
+    fn as_slice(&self) -> &[f32] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `check_output` verified non-null, aligned and `len`
+        // values in size; the plugin keeps them until `tensor_free`.
+        unsafe { std::slice::from_raw_parts(self.data, self.len) }
+    }
+}
+
+impl Drop for PluginBuffer {
+    fn drop(&mut self) {
+        if self.owner.is_null() {
+            return;
+        }
+        // SAFETY: `owner` came from a successful `model_run` and is released
+        // exactly once, here.
+        let status = unsafe { (self.fns.tensor_free)(self.owner) };
+        if status != INFL8_OK {
+            tracing::warn!(
+                library = %self.fns.library.display(),
+                "tensor_free failed with status {}",
+                status_name(status)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out_with(shape: &[u64], data: &[f32], len: u64) -> Infl8TensorOut {
+        let mut s = [0; INFL8_MAX_RANK];
+        s[..shape.len()].copy_from_slice(shape);
+        Infl8TensorOut {
+            struct_size: size_of::<Infl8TensorOut>() as u32,
+            rank: shape.len() as u32,
+            shape: s,
+            data: data.as_ptr(),
+            len,
+            owner: ptr::null_mut(),
+        }
+    }
+
+    #[test]
+    fn outputs_are_validated() {
+        let data = [0f32; 6];
+        assert_eq!(
+            check_output(&out_with(&[2, 3], &data, 6)),
+            Ok((vec![2, 3], 6))
+        );
+        let e = check_output(&out_with(&[2, 3], &data, 5)).unwrap_err();
+        assert!(e.contains("needs 6 values but the buffer holds 5"), "{e}");
+        let mut bad_rank = out_with(&[2, 3], &data, 6);
+        bad_rank.rank = 9;
+        assert!(check_output(&bad_rank).unwrap_err().contains("rank 9"));
+        let mut null = out_with(&[2], &data, 2);
+        null.data = ptr::null();
+        assert!(check_output(&null).unwrap_err().contains("null data"));
+        let mut empty = out_with(&[0, 3], &data, 0);
+        empty.data = ptr::null();
+        assert_eq!(check_output(&empty), Ok((vec![0, 3], 0)));
+        let huge = out_with(&[u64::MAX, 2], &data, 0);
+        assert!(check_output(&huge).is_err());
+        let mut misaligned = out_with(&[1], &data, 1);
+        misaligned.data = data.as_ptr().cast::<u8>().wrapping_add(1).cast();
+        assert!(check_output(&misaligned).unwrap_err().contains("aligned"));
+    }
+
+    #[test]
+    fn descriptors_become_tensor_infos() {
+        let mut desc = EMPTY_DESC;
+        desc.rank = 3;
+        desc.dims[..3].copy_from_slice(&[INFL8_DIM_SYMBOLIC, 4, INFL8_DIM_SYMBOLIC]);
+        let info = tensor_info(&desc, "input").unwrap();
+        assert_eq!(info.name, "input");
+        assert_eq!(
+            info.shape,
+            vec![
+                Dim::Symbolic("N".into()),
+                Dim::Fixed(4),
+                Dim::Symbolic("?".into())
+            ]
+        );
+        desc.dims[1] = -7;
+        assert!(tensor_info(&desc, "x").unwrap_err().contains("-7"));
+        desc.rank = 9;
+        assert!(tensor_info(&desc, "x").is_err());
+    }
+
+    #[test]
+    fn plugin_file_names() {
+        let so = |n: &str| {
+            PathBuf::from(format!(
+                "/x/{}{n}{}",
+                std::env::consts::DLL_PREFIX,
+                std::env::consts::DLL_SUFFIX
+            ))
+        };
+        assert!(PluginHost::is_plugin_file_name(&so("infl8_tract")));
+        assert!(!PluginHost::is_plugin_file_name(&so("infl8test_faulty")));
+        assert!(!PluginHost::is_plugin_file_name(&so("tract")));
+        assert!(!PluginHost::is_plugin_file_name(Path::new(
+            "/x/libinfl8_tract.rlib"
+        )));
+    }
+
+    #[test]
+    fn missing_library_is_named() {
+        let mut host = PluginHost::new(vec![]);
+        let e = host
+            .load_library("/nonexistent/libinfl8_nope.so")
+            .unwrap_err();
+        assert!(matches!(e, PluginError::NotFound { .. }));
+        assert!(
+            e.to_string().contains("/nonexistent/libinfl8_nope.so"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_backend_lists_what_exists() {
+        let host = PluginHost::new(vec![PathBuf::from("/opt/plugins")]);
+        let e = host.backend("cuda").err().unwrap().to_string();
+        assert!(e.contains("`cuda`"), "{e}");
+        assert!(e.contains("available: (none)"), "{e}");
+        assert!(e.contains("/opt/plugins"), "{e}");
+    }
+}

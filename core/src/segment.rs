@@ -1,0 +1,199 @@
+//! One volume, end to end: read, preprocess, infer, map back, write.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ndarray::{Array3, Array4};
+
+use crate::backend::Model;
+use crate::inference::{self, InferenceError, postprocess};
+use crate::manifest::{InferenceMode, Manifest};
+use crate::nifti_io::{self, NiftiIoError, ReadLimits};
+use crate::preprocess::{self, PreprocessError};
+use crate::volume::Volume;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    #[error(transparent)]
+    Nifti(#[from] NiftiIoError),
+    #[error("{path}: {message}")]
+    Input { path: PathBuf, message: String },
+    #[error("{path}: preprocessing failed: {source}")]
+    Preprocess {
+        path: PathBuf,
+        #[source]
+        source: PreprocessError,
+    },
+    #[error("{path}: inference failed: {source}")]
+    Inference {
+        path: PathBuf,
+        #[source]
+        source: InferenceError,
+    },
+}
+
+/// A model with its manifest and the runtime's post-processing choices.
+pub struct Segmenter {
+    pub model: Box<dyn Model>,
+    pub manifest: Manifest,
+    /// Windows or slabs per backend call.
+    pub window_batch: usize,
+    pub largest_component: bool,
+}
+
+/// Labels (and optionally logits) on the input's own grid.
+pub struct Segmentation {
+    /// `[X, Y, Z]`.
+    pub labels: Array3<u8>,
+    /// `[K, X, Y, Z]`, blended logits, when asked for.
+    pub logits: Option<Array4<f32>>,
+    /// Windows (or slab windows) the backend ran.
+    pub windows: u64,
+}
+
+/// Timings and counts of one `segment_file` call.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SegmentReport {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub dims: [usize; 3],
+    pub windows: u64,
+    pub read_s: f64,
+    pub infer_s: f64,
+    pub write_s: f64,
+    /// Voxels per label value.
+    pub label_voxels: Vec<u64>,
+    /// Peak resident memory of the process after this volume.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl Segmenter {
+    /// Segments a volume already in memory. `source` names it in errors.
+    pub fn segment(
+        &self,
+        vol: &Volume,
+        source: &Path,
+        want_logits: bool,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Segmentation, SegmentError> {
+        let input_err = |message: String| SegmentError::Input {
+            path: source.to_path_buf(),
+            message,
+        };
+        if vol.channels() != self.manifest.input_channels {
+            return Err(input_err(format!(
+                "the volume has {} channel(s), the model takes {}",
+                vol.channels(),
+                self.manifest.input_channels
+            )));
+        }
+        let (prepared, inverse) = preprocess::preprocess(vol, &self.manifest.preprocess)
+            .map_err(|source_err| SegmentError::Preprocess {
+                path: source.to_path_buf(),
+                source: source_err,
+            })?;
+        let infer_err = |e: InferenceError| SegmentError::Inference {
+            path: source.to_path_buf(),
+            source: e,
+        };
+        let counter = std::sync::atomic::AtomicU64::new(0);
+        let count = |done: u64, total: u64| {
+            counter.store(done, std::sync::atomic::Ordering::Relaxed);
+            progress(done, total);
+        };
+        let logits = match &self.manifest.inference {
+            InferenceMode::SlidingWindow(sw) => {
+                let sw = inference::SlidingWindow {
+                    batch_size: self.window_batch,
+                    ..sw.clone()
+                };
+                sw.run(prepared.data.view(), self.model.as_ref(), &count)
+            }
+            InferenceMode::Slab(slab) => {
+                let slab = inference::Slab {
+                    batch_size: self.window_batch,
+                    ..slab.clone()
+                };
+                slab.run(prepared.data.view(), self.model.as_ref(), &count)
+            }
+        }
+        .map_err(infer_err)?;
+        drop(prepared);
+        if logits.shape()[0] != self.manifest.labels.len() {
+            return Err(input_err(format!(
+                "the model produced {} classes, its manifest names {}",
+                logits.shape()[0],
+                self.manifest.labels.len()
+            )));
+        }
+        // Logits go back to the input grid before the argmax: resampling
+        // class scores (trilinear) gives smoother borders than resampling
+        // labels, and the saved logits then agree with the saved labels.
+        let logits = inverse.logits(logits).map_err(|e| SegmentError::Preprocess {
+            path: source.to_path_buf(),
+            source: e,
+        })?;
+        let mut labels = postprocess::argmax(logits.view()).map_err(infer_err)?;
+        if self.largest_component {
+            let n = self.manifest.labels.len();
+            postprocess::keep_largest_component_per_label(&mut labels, n);
+        }
+        Ok(Segmentation {
+            labels,
+            logits: want_logits.then_some(logits),
+            windows: counter.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
+    /// Reads `input`, segments it and writes `output` (uint8 labels on the
+    /// input's grid) and, if asked, `logits` (float32, channel last). Either
+    /// both outputs are complete or neither exists.
+    pub fn segment_file(
+        &self,
+        input: &Path,
+        output: &Path,
+        logits: Option<&Path>,
+        limits: &ReadLimits,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<SegmentReport, SegmentError> {
+        let t0 = Instant::now();
+        let vol = nifti_io::read_volume(input, limits)?;
+        let read_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let seg = self.segment(&vol, input, logits.is_some(), progress)?;
+        let infer_s = t1.elapsed().as_secs_f64();
+        let t2 = Instant::now();
+        nifti_io::write_labels(output, seg.labels.view(), &vol)?;
+        if let (Some(path), Some(l)) = (logits, &seg.logits)
+            && let Err(e) = nifti_io::write_logits(path, l.view(), &vol)
+        {
+            let _ = std::fs::remove_file(output);
+            return Err(e.into());
+        }
+        let mut label_voxels = vec![0u64; self.manifest.labels.len()];
+        for &l in seg.labels.iter() {
+            if let Some(c) = label_voxels.get_mut(l as usize) {
+                *c += 1;
+            }
+        }
+        Ok(SegmentReport {
+            input: input.to_path_buf(),
+            output: output.to_path_buf(),
+            dims: vol.dims(),
+            windows: seg.windows,
+            read_s,
+            infer_s,
+            write_s: t2.elapsed().as_secs_f64(),
+            label_voxels,
+            peak_rss_bytes: peak_rss_bytes(),
+        })
+    }
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

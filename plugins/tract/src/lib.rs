@@ -1,0 +1,496 @@
+//! infl8 backend plugin `tract`: CPU inference on tract-onnx, pure Rust.
+//!
+//! tract runs one model invocation on one thread, so a batch is split into
+//! its items, which run in parallel on a rayon pool sized by
+//! [`LoadOptions::threads`]; their outputs land in one contiguous buffer that
+//! goes to the host without a copy.
+//!
+//! The batch dimension (the input's first) is made symbolic whatever the
+//! ONNX file says (symbolic, unknown or 1), so any batch size runs. The plan
+//! that actually executes is specialised to batch 1, the size each item
+//! runs at, which lets tract optimise with concrete shapes.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Once};
+
+use infl8_core::backend::{Backend, BackendError, Dim, LoadOptions, Model, Tensor, TensorInfo};
+use rayon::prelude::*;
+use tract_onnx::prelude::{
+    Datum, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTValue,
+    OutletId, Symbol, TDim, TVec, TractResult, TypedFact, TypedModel, TypedRunnableModel, tvec,
+};
+use tract_onnx::tract_hir::infer::GenericFactoid;
+
+infl8_core::export_plugin! {
+    name: "tract",
+    version: env!("CARGO_PKG_VERSION"),
+    backends: [Box::new(TractBackend::new())],
+}
+
+/// The `tract` backend.
+pub struct TractBackend {
+    _private: (),
+}
+
+impl TractBackend {
+    pub fn new() -> Self {
+        bridge_log_to_tracing();
+        TractBackend { _private: () }
+    }
+}
+
+impl Default for TractBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backend for TractBackend {
+    fn name(&self) -> &str {
+        "tract"
+    }
+
+    fn description(&self) -> &str {
+        "CPU inference with tract-onnx (pure Rust; batch items run in parallel)"
+    }
+
+    fn load(&self, model: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, BackendError> {
+        Ok(Box::new(TractModel::load(model, opts)?))
+    }
+}
+
+/// tract (and its dependencies) log through `log`; send that to `tracing`,
+/// which the plugin glue has connected to the host. Once per library: `log`
+/// takes one logger per process image.
+fn bridge_log_to_tracing() {
+    static BRIDGE: Once = Once::new();
+    BRIDGE.call_once(|| {
+        use tracing::level_filters::LevelFilter;
+        use tracing_log::AsLog;
+        // tract's debug output narrates every optimiser pass: only a host
+        // that records TRACE gets it; otherwise records stop at INFO, so
+        // they cost nothing when nobody reads them. `init` fails only if
+        // this image already has a logger (the plugin linked into a host
+        // that set one), which then receives tract's records itself.
+        let max = match LevelFilter::current() {
+            LevelFilter::TRACE => LevelFilter::TRACE,
+            host => host.min(LevelFilter::INFO),
+        };
+        let _ = tracing_log::LogTracer::builder()
+            .with_max_level(max.as_log())
+            .init();
+    });
+}
+
+/// How a batch maps onto tract invocations.
+enum Batching {
+    /// Split into items of batch 1, run in parallel.
+    Split,
+    /// The ONNX file fixes a batch other than 1: run it whole.
+    Whole,
+}
+
+/// A loaded ONNX model.
+pub struct TractModel {
+    plan: Arc<TypedRunnableModel>,
+    input: TensorInfo,
+    output: TensorInfo,
+    batching: Batching,
+    /// The output shape of one item, if tract knows it at load time: then
+    /// items write straight into the batch's output buffer.
+    item_output: Option<Vec<usize>>,
+    pool: rayon::ThreadPool,
+}
+
+fn load_error(path: &Path, message: impl Into<String>) -> BackendError {
+    BackendError::Load {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+impl TractModel {
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, BackendError> {
+        let err = |m: String| load_error(path, m);
+        if let Err(e) = std::fs::metadata(path) {
+            return Err(err(format!("cannot read the model file: {e}")));
+        }
+        for key in opts.extra.keys() {
+            tracing::warn!("tract: ignoring unknown load option `{key}`");
+        }
+        let model = tract_onnx::onnx()
+            .model_for_path(path)
+            .map_err(|e| err(format!("not a model tract can read: {e:#}")))?;
+        if model.inputs.len() != 1 || model.outputs.len() != 1 {
+            return Err(err(format!(
+                "infl8 needs one input and one output, the model has {} and {}",
+                model.inputs.len(),
+                model.outputs.len()
+            )));
+        }
+        let (typed, batch) = ShapedModel::new(model)
+            .and_then(ShapedModel::into_typed)
+            .map_err(err)?;
+
+        let info = |outlets: TractResult<&[OutletId]>| {
+            let outlet = outlets
+                .map_err(|e| err(format!("{e:#}")))?
+                .first()
+                .copied()
+                .ok_or_else(|| err("the typed model lost its input or output".into()))?;
+            let fact: &TypedFact = typed
+                .outlet_fact(outlet)
+                .map_err(|e| err(format!("{e:#}")))?;
+            let name = typed
+                .outlet_label(outlet)
+                .unwrap_or(&typed.node(outlet.node).name)
+                .to_owned();
+            Ok::<_, BackendError>(TensorInfo {
+                name,
+                shape: describe(&fact.shape, &batch, &typed),
+            })
+        };
+        let input = info(typed.input_outlets())?;
+        let output = info(typed.output_outlets())?;
+        let batching = match (input.shape.first(), output.shape.first()) {
+            (Some(Dim::Symbolic(_)), Some(Dim::Symbolic(_))) => Batching::Split,
+            (Some(Dim::Fixed(_)), _) => Batching::Whole,
+            (_, out) => {
+                return Err(err(format!(
+                    "the output's first dimension ({}) is not the batch; infl8 needs \
+                     batch-first outputs",
+                    out.map_or_else(|| "none".to_owned(), |d| d.to_string())
+                )));
+            }
+        };
+
+        let runnable = match (&batching, &batch) {
+            // One item at a time: specialise the plan to batch 1.
+            (Batching::Split, BatchDim::Symbol(n)) => {
+                let subs = HashMap::from([(n.clone(), TDim::Val(1))]);
+                typed.set_symbols(&subs)
+            }
+            _ => Ok(typed),
+        };
+        let plan = runnable
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| err(format!("tract cannot optimise the model: {e:#}")))?;
+        let item_output = match batching {
+            Batching::Split => plan
+                .model()
+                .output_fact(0)
+                .ok()
+                .and_then(|f| f.shape.as_concrete().map(<[usize]>::to_vec))
+                // Items are stacked along the batch axis, so one item's
+                // output must have a batch of 1.
+                .filter(|shape| shape.first() == Some(&1)),
+            Batching::Whole => None,
+        };
+
+        let threads = match opts.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("infl8-tract-{i}"))
+            .build()
+            .map_err(|e| err(format!("cannot start {threads} worker threads: {e}")))?;
+
+        tracing::debug!(
+            model = %path.display(),
+            input = %input,
+            output = %output,
+            threads,
+            "tract model loaded"
+        );
+        Ok(TractModel {
+            plan,
+            input,
+            output,
+            batching,
+            item_output,
+            pool,
+        })
+    }
+
+    /// Runs one tract invocation on `data` of `shape`; returns the output's
+    /// shape and values (f32, cast if the model says otherwise).
+    fn invoke<R>(
+        &self,
+        data: &[f32],
+        shape: &[usize],
+        take: impl FnOnce(&[usize], &[f32]) -> Result<R, BackendError>,
+    ) -> Result<R, BackendError> {
+        let run_error = |e: tract_onnx::prelude::TractError| BackendError::Run(format!("{e:#}"));
+        let tensor = tract_onnx::prelude::Tensor::from_shape(shape, data).map_err(run_error)?;
+        let outputs = self
+            .plan
+            .run(tvec![tensor.into_tvalue()])
+            .map_err(run_error)?;
+        let out = outputs
+            .first()
+            .ok_or_else(|| BackendError::Run("the model produced no output".into()))?;
+        let out = out.cast_to::<f32>().map_err(run_error)?;
+        let view = out.try_as_plain_ram().map_err(run_error)?;
+        let values = view.as_slice::<f32>().map_err(run_error)?;
+        take(out.shape(), values)
+    }
+
+    fn run_split(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
+        let batch = shape[0];
+        let item_len = shape[1..].iter().product::<usize>();
+        let mut item_shape = shape.to_vec();
+        item_shape[0] = 1;
+        let item = |b: usize| &data[b * item_len..(b + 1) * item_len];
+
+        if let Some(item_out) = &self.item_output {
+            let out_len = item_out.iter().product::<usize>();
+            let mut out_shape = item_out.clone();
+            out_shape[0] = batch;
+            let total = batch.checked_mul(out_len).ok_or_else(|| {
+                BackendError::Run(format!("an output of {batch} x {item_out:?} overflows"))
+            })?;
+            let mut out = vec![0f32; total];
+            if out_len > 0 {
+                self.pool.install(|| {
+                    out.par_chunks_mut(out_len)
+                        .enumerate()
+                        .try_for_each(|(b, dst)| {
+                            self.invoke(item(b), &item_shape, |got, values| {
+                                if got != item_out.as_slice() {
+                                    return Err(BackendError::Run(format!(
+                                        "tract produced shape {got:?}, expected {item_out:?}"
+                                    )));
+                                }
+                                dst.copy_from_slice(values);
+                                Ok(())
+                            })
+                        })
+                })?;
+            }
+            return Tensor::from_vec(out_shape, out);
+        }
+
+        // Output shape only known once run (symbolic non-batch dims): collect
+        // the items, then concatenate.
+        let items: Vec<(Vec<usize>, Vec<f32>)> = self.pool.install(|| {
+            (0..batch)
+                .into_par_iter()
+                .map(|b| {
+                    self.invoke(item(b), &item_shape, |got, values| {
+                        Ok((got.to_vec(), values.to_vec()))
+                    })
+                })
+                .collect::<Result<_, _>>()
+        })?;
+        let Some((first_shape, _)) = items.first() else {
+            return Err(BackendError::Run(
+                "an empty batch of a model whose output shape is only known at run time".into(),
+            ));
+        };
+        if first_shape.first() != Some(&1) {
+            return Err(BackendError::Run(format!(
+                "tract produced shape {first_shape:?} for one item; the batch must come first"
+            )));
+        }
+        let mut out_shape = first_shape.clone();
+        out_shape[0] = batch;
+        let mut out = Vec::with_capacity(items.iter().map(|(_, v)| v.len()).sum());
+        for (s, values) in &items {
+            if s != first_shape {
+                return Err(BackendError::Run(format!(
+                    "batch items produced different shapes: {first_shape:?} and {s:?}"
+                )));
+            }
+            out.extend_from_slice(values);
+        }
+        Tensor::from_vec(out_shape, out)
+    }
+}
+
+impl Model for TractModel {
+    fn input(&self) -> &TensorInfo {
+        &self.input
+    }
+
+    fn output(&self) -> &TensorInfo {
+        &self.output
+    }
+
+    fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
+        if !self.input.accepts(shape) {
+            return Err(BackendError::Shape {
+                got: shape.to_vec(),
+                expected: self.input.to_string(),
+            });
+        }
+        let want = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if want != Some(data.len()) {
+            return Err(BackendError::Other(format!(
+                "input holds {} values, shape {shape:?} needs {}",
+                data.len(),
+                want.map_or_else(|| "more than usize::MAX".into(), |n| n.to_string())
+            )));
+        }
+        match self.batching {
+            Batching::Split => self.run_split(data, shape),
+            Batching::Whole => self.invoke(data, shape, |got, values| {
+                Tensor::from_vec(got.to_vec(), values.to_vec())
+            }),
+        }
+    }
+}
+
+/// Where the batch dimension stands after preparing the input fact.
+enum BatchDim {
+    /// Symbolic: any batch runs.
+    Symbol(Symbol),
+    /// The file fixes a batch other than 1.
+    Fixed(usize),
+}
+
+/// An ONNX model with its input fact pinned to f32, a batch symbol and
+/// every other dimension known or symbolic.
+struct ShapedModel {
+    model: InferenceModel,
+    batch: BatchDim,
+    /// The file said batch 1: if typing with a symbolic batch fails (a
+    /// reshape that hard-codes the 1), fall back to it, since items run at
+    /// batch 1 anyway.
+    fixed_one: Option<InferenceModel>,
+}
+
+impl ShapedModel {
+    fn new(mut model: InferenceModel) -> Result<Self, String> {
+        let fact = model.input_fact(0).map_err(|e| format!("{e:#}"))?.clone();
+        if fact.shape.is_open() {
+            return Err("the model's input has no declared rank".into());
+        }
+        let dims: Vec<GenericFactoid<TDim>> = fact.shape.dims().cloned().collect();
+        let Some(first) = dims.first() else {
+            return Err("the model's input is a scalar; infl8 needs a batch dimension".into());
+        };
+        let (batch, was_one) = match first {
+            GenericFactoid::Only(TDim::Sym(s)) => (BatchDim::Symbol(s.clone()), false),
+            GenericFactoid::Only(d) => match d.as_i64() {
+                Some(1) => (BatchDim::Symbol(model.symbols.new_with_prefix("N")), true),
+                Some(n) if n > 1 => (BatchDim::Fixed(n as usize), false),
+                _ => return Err(format!("unsupported batch dimension `{d}`")),
+            },
+            GenericFactoid::Any => (BatchDim::Symbol(model.symbols.new_with_prefix("N")), false),
+        };
+        let rest = dims[1..]
+            .iter()
+            .map(|d| match d {
+                GenericFactoid::Only(d) => d.clone(),
+                GenericFactoid::Any => TDim::Sym(model.symbols.new_with_prefix("d")),
+            })
+            .collect::<Vec<_>>();
+        let shape_with =
+            |b: TDim| -> TVec<TDim> { std::iter::once(b).chain(rest.iter().cloned()).collect() };
+        let fixed_one = if was_one {
+            let mut m = model.clone();
+            m.set_input_fact(
+                0,
+                InferenceFact::dt_shape(f32::datum_type(), shape_with(TDim::Val(1))),
+            )
+            .map_err(|e| format!("{e:#}"))?;
+            Some(m)
+        } else {
+            None
+        };
+        let b = match &batch {
+            BatchDim::Symbol(s) => TDim::Sym(s.clone()),
+            BatchDim::Fixed(n) => TDim::Val(*n as i64),
+        };
+        model
+            .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape_with(b)))
+            .map_err(|e| format!("{e:#}"))?;
+        Ok(ShapedModel {
+            model,
+            batch,
+            fixed_one,
+        })
+    }
+
+    /// Types and declutters the model, keeping the batch symbolic if tract
+    /// can.
+    fn into_typed(self) -> Result<(TypedModel, BatchDim), String> {
+        let typed =
+            |m: InferenceModel| -> TractResult<TypedModel> { m.into_typed()?.into_decluttered() };
+        let ShapedModel {
+            model,
+            batch,
+            fixed_one,
+        } = self;
+        // A symbolic batch must also come out first: a model exported at
+        // batch 1 may reshape to a hard-coded 1, which types fine but loses
+        // the batch. Such a model still runs item by item at its batch of 1.
+        let batch_follows = |t: &TypedModel| match &batch {
+            BatchDim::Symbol(s) => t
+                .output_fact(0)
+                .is_ok_and(|f| f.shape.first() == Some(&TDim::Sym(s.clone()))),
+            BatchDim::Fixed(_) => true,
+        };
+        let symbolic = typed(model);
+        let fixed_one = match (symbolic, fixed_one) {
+            (Ok(t), None) => return Ok((t, batch)),
+            (Ok(t), Some(_)) if batch_follows(&t) => return Ok((t, batch)),
+            (Err(e), None) => return Err(format!("tract cannot analyse the model: {e:#}")),
+            (Ok(_), Some(m)) => {
+                tracing::debug!("tract: the batch does not reach the output; using the file's 1");
+                m
+            }
+            (Err(e), Some(m)) => {
+                tracing::debug!("tract: a symbolic batch failed ({e:#}); using the file's 1");
+                m
+            }
+        };
+        typed(fixed_one)
+            .map(|t| (t, batch))
+            .map_err(|e| format!("tract cannot analyse the model: {e:#}"))
+    }
+}
+
+/// A tract shape as infl8 dimensions. The first dimension is the batch when
+/// it is the batch symbol, or 1 in a model typed at batch 1 (the fallback):
+/// both run any batch.
+fn describe(shape: &[TDim], batch: &BatchDim, typed: &TypedModel) -> Vec<Dim> {
+    let batch_name = match batch {
+        BatchDim::Symbol(s) => Some(s.to_string()),
+        BatchDim::Fixed(_) => None,
+    };
+    let typed_at_one = batch_name.is_some() && !mentions_symbol(typed, batch);
+    shape
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let is_batch = i == 0
+                && match (batch, d) {
+                    (BatchDim::Symbol(s), TDim::Sym(t)) => s == t,
+                    (BatchDim::Symbol(_), d) => typed_at_one && d.as_i64() == Some(1),
+                    (BatchDim::Fixed(_), _) => false,
+                };
+            if is_batch {
+                Dim::Symbolic(batch_name.clone().unwrap_or_else(|| "N".into()))
+            } else {
+                match d.as_i64() {
+                    Some(n) if n >= 0 => Dim::Fixed(n as usize),
+                    _ => Dim::Symbolic(d.to_string()),
+                }
+            }
+        })
+        .collect()
+}
+
+/// Does the typed model's input still carry the batch symbol (or did typing
+/// fall back to batch 1)?
+fn mentions_symbol(typed: &TypedModel, batch: &BatchDim) -> bool {
+    match (batch, typed.input_fact(0)) {
+        (BatchDim::Symbol(s), Ok(f)) => f.shape.first() == Some(&TDim::Sym(s.clone())),
+        _ => false,
+    }
+}

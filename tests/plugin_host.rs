@@ -1,0 +1,496 @@
+//! The plugin host against real shared libraries: the tract plugin, a
+//! deliberately faulty one and one from a future ABI.
+//!
+//! The libraries are built by `cargo build --workspace`, not by this test
+//! (cargo builds a test's dependencies, and cdylibs are not dependencies), so
+//! the test looks for them next to its own executable and fails with
+//! instructions if they are missing.
+
+use std::path::{Path, PathBuf};
+
+use infl8_core::backend::{BackendError, Dim, LoadOptions};
+use infl8_core::plugin::{PluginError, PluginHost};
+
+/// `target/<profile>`, derived from this test's executable
+/// (`target/<profile>/deps/plugin_host-<hash>`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The built library for a crate's `[lib] name`.
+fn library(lib_name: &str) -> PathBuf {
+    let file = format!(
+        "{}{lib_name}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    );
+    let path = profile_dir().join(&file);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace` first (the plugin libraries are not \
+         built by `cargo test`)",
+        path.display()
+    );
+    path
+}
+
+fn tract_library() -> PathBuf {
+    library("infl8_tract")
+}
+
+/// The model's weights `[2, 1, 3, 3, 3]`: channel 0 ramps (k + 1) / 27
+/// over the 27 taps in C order, channel 1 alternates ±0.25 like a
+/// checkerboard.
+fn weight(o: usize, z: usize, y: usize, x: usize) -> f32 {
+    if o == 0 {
+        (z * 9 + y * 3 + x + 1) as f32 / 27.0
+    } else if (z + y + x).is_multiple_of(2) {
+        0.25
+    } else {
+        -0.25
+    }
+}
+
+const BIAS: [f32; 2] = [0.5, -1.0];
+
+/// A small ONNX model, written into a temporary directory that lives as
+/// long as this value: `image [batch, 1, 4, 4, 4] -> Conv3d(3x3x3, pad 1)
+/// -> logits [batch, 2, 4, 4, 4]`.
+struct Conv3dModel {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+fn conv3d_model() -> Conv3dModel {
+    use infl8_onnx::builder::{Attr, Dim as D, GraphBuilder};
+    let mut w = Vec::with_capacity(54);
+    for o in 0..2 {
+        for z in 0..3 {
+            for y in 0..3 {
+                for x in 0..3 {
+                    w.push(weight(o, z, y, x));
+                }
+            }
+        }
+    }
+    let mut g = GraphBuilder::new("conv3d_1to2");
+    let image = g.input(
+        "image",
+        &[
+            D::Symbolic("batch"),
+            D::Fixed(1),
+            D::Fixed(4),
+            D::Fixed(4),
+            D::Fixed(4),
+        ],
+    );
+    let wname = g.weight("W", &[2, 1, 3, 3, 3], &w);
+    let bname = g.weight("B", &[2], &BIAS);
+    g.node(
+        "Conv",
+        &[&image, &wname, &bname],
+        vec![
+            ("kernel_shape", Attr::Ints(vec![3, 3, 3])),
+            ("pads", Attr::Ints(vec![1, 1, 1, 1, 1, 1])),
+            ("strides", Attr::Ints(vec![1, 1, 1])),
+        ],
+    );
+    g.rename_last_output("logits");
+    g.output(
+        "logits",
+        &[
+            D::Symbolic("batch"),
+            D::Fixed(2),
+            D::Fixed(4),
+            D::Fixed(4),
+            D::Fixed(4),
+        ],
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("conv3d.onnx");
+    infl8_onnx::write_model(&g.finish("infl8 tests"), &path).expect("write the model");
+    Conv3dModel { _dir: dir, path }
+}
+
+/// Conv3d 1 -> 2 channels, 3x3x3 kernel, zero padding 1, over 4x4x4 items.
+fn reference(input: &[f32], batch: usize) -> Vec<f32> {
+    let at = |b: usize, z: isize, y: isize, x: isize| -> f32 {
+        let inside = |v: isize| (0..4).contains(&v);
+        if inside(z) && inside(y) && inside(x) {
+            input[b * 64 + (z * 16 + y * 4 + x) as usize]
+        } else {
+            0.0
+        }
+    };
+    let mut out = Vec::with_capacity(batch * 128);
+    for b in 0..batch {
+        for (o, bias) in BIAS.iter().enumerate() {
+            for z in 0..4isize {
+                for y in 0..4isize {
+                    for x in 0..4isize {
+                        let mut acc = *bias;
+                        for kz in 0..3 {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    acc += weight(o, kz, ky, kx)
+                                        * at(
+                                            b,
+                                            z + kz as isize - 1,
+                                            y + ky as isize - 1,
+                                            x + kx as isize - 1,
+                                        );
+                                }
+                            }
+                        }
+                        out.push(acc);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn input(batch: usize, seed: usize) -> Vec<f32> {
+    (0..batch * 64)
+        .map(|i| ((i * 7 + seed) % 11) as f32 * 0.5 - 2.0)
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+            "value {i}: {g} != {w}"
+        );
+    }
+}
+
+/// Loads the conv3d model with tract from `host` and checks batches 1 and 5.
+fn check_tract(host: &PluginHost, threads: usize) {
+    let backend = host.backend("tract").expect("tract backend");
+    let opts = LoadOptions {
+        threads,
+        ..Default::default()
+    };
+    let onnx = conv3d_model();
+    let model = backend.load(&onnx.path, &opts).expect("load the model");
+    assert_eq!(model.input().name, "image");
+    assert_eq!(model.output().name, "logits");
+    assert_eq!(
+        model.input().shape,
+        [
+            Dim::Symbolic("N".into()),
+            Dim::Fixed(1),
+            Dim::Fixed(4),
+            Dim::Fixed(4),
+            Dim::Fixed(4)
+        ]
+    );
+    assert_eq!(
+        model.output().shape,
+        [
+            Dim::Symbolic("N".into()),
+            Dim::Fixed(2),
+            Dim::Fixed(4),
+            Dim::Fixed(4),
+            Dim::Fixed(4)
+        ]
+    );
+    for batch in [1, 5] {
+        let x = input(batch, threads);
+        let out = model.run(&x, &[batch, 1, 4, 4, 4]).expect("run");
+        assert_eq!(out.shape(), &[batch, 2, 4, 4, 4]);
+        assert_close(out.data(), &reference(&x, batch));
+    }
+}
+
+#[test]
+fn tract_plugin_runs_conv3d() {
+    let mut host = PluginHost::new(vec![]);
+    let summary = host
+        .load_library(tract_library())
+        .expect("load tract plugin");
+    assert_eq!(summary.plugin, "tract");
+    assert_eq!(summary.abi, "1.0");
+    assert_eq!(summary.backends, ["tract"]);
+    for threads in [1, 3] {
+        check_tract(&host, threads);
+    }
+}
+
+#[test]
+fn tract_model_is_shared_across_threads() {
+    let mut host = PluginHost::new(vec![]);
+    host.load_library(tract_library())
+        .expect("load tract plugin");
+    let opts = LoadOptions {
+        threads: 2,
+        ..Default::default()
+    };
+    let onnx = conv3d_model();
+    let model = host
+        .backend("tract")
+        .unwrap()
+        .load(&onnx.path, &opts)
+        .unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let model = &model;
+            s.spawn(move || {
+                for round in 0..3 {
+                    let batch = 1 + (t + round) % 3;
+                    let x = input(batch, t * 10 + round);
+                    let out = model.run(&x, &[batch, 1, 4, 4, 4]).unwrap();
+                    assert_close(out.data(), &reference(&x, batch));
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn tract_reports_clear_errors() {
+    let mut host = PluginHost::new(vec![]);
+    host.load_library(tract_library())
+        .expect("load tract plugin");
+    let tract = host.backend("tract").unwrap();
+
+    let missing = Path::new("/nonexistent/model.onnx");
+    let e = tract.load(missing, &LoadOptions::default()).err().unwrap();
+    assert!(matches!(e, BackendError::Load { .. }), "{e:?}");
+    assert!(e.to_string().contains("/nonexistent/model.onnx"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.onnx");
+    std::fs::write(&corrupt, b"\x08\x07not an onnx model\xff\xff").unwrap();
+    let e = tract.load(&corrupt, &LoadOptions::default()).err().unwrap();
+    assert!(matches!(e, BackendError::Load { .. }), "{e:?}");
+    assert!(e.to_string().contains("corrupt.onnx"), "{e}");
+
+    let onnx = conv3d_model();
+    let model = tract.load(&onnx.path, &LoadOptions::default()).unwrap();
+    let e = model
+        .run(&vec![0.0; 2 * 125], &[2, 1, 5, 5, 5])
+        .unwrap_err();
+    assert!(matches!(e, BackendError::Shape { .. }), "{e:?}");
+}
+
+#[test]
+fn discovery_lists_tract_only() {
+    let mut host = PluginHost::new(vec![profile_dir()]);
+    tract_library(); // fail with instructions if the workspace is not built
+    let found = host.discover();
+    let tract = found
+        .iter()
+        .find(|(_, r)| r.as_ref().is_ok_and(|s| s.plugin == "tract"))
+        .unwrap_or_else(|| panic!("tract not discovered in {found:?}"));
+    assert!(PluginHost::is_plugin_file_name(&tract.0));
+    // The test plugins are named `infl8test_*` precisely so that discovery
+    // never picks them up.
+    for (path, _) in &found {
+        let name = path.file_name().unwrap().to_string_lossy();
+        assert!(!name.contains("infl8test"), "discovered {name}");
+    }
+    let backends = host.backends();
+    let info = backends
+        .iter()
+        .find(|b| b.name == "tract")
+        .expect("tract listed");
+    assert_eq!(info.plugin, "tract");
+    assert!(!info.description.is_empty());
+    assert!(PluginHost::is_plugin_file_name(&info.library));
+    // A second pass reloads nothing and still reports the library once.
+    let again = host.discover();
+    assert_eq!(
+        again
+            .iter()
+            .filter(|(_, r)| r.as_ref().is_ok_and(|s| s.plugin == "tract"))
+            .count(),
+        1,
+        "{again:#?}"
+    );
+    assert_eq!(host.backends().len(), backends.len());
+    check_tract(&host, 2);
+}
+
+#[test]
+fn future_abi_is_refused_and_host_keeps_running() {
+    let mut host = PluginHost::new(vec![]);
+    let future = library("infl8test_future_abi");
+    let e = host.load_library(&future).unwrap_err();
+    assert!(matches!(e, PluginError::AbiMismatch { .. }), "{e:?}");
+    let text = e.to_string();
+    let file = future.file_name().unwrap().to_string_lossy().into_owned();
+    for needle in [file.as_str(), "future-abi", "99.0.0", "ABI 99.0", "ABI 1.0"] {
+        assert!(text.contains(needle), "{needle:?} missing from: {text}");
+    }
+    assert!(host.backends().is_empty());
+
+    host.load_library(tract_library()).unwrap();
+    check_tract(&host, 1);
+}
+
+#[test]
+fn panics_become_errors_and_host_keeps_running() {
+    let mut host = PluginHost::new(vec![]);
+    let summary = host.load_library(library("infl8test_faulty")).unwrap();
+    assert_eq!(
+        summary.backends,
+        [
+            "faulty-panic-load",
+            "faulty-panic-run",
+            "faulty-error",
+            "faulty-bad-output"
+        ]
+    );
+    host.load_library(tract_library()).unwrap();
+    let any = Path::new("unused.onnx");
+    let opts = LoadOptions::default();
+
+    let e = host
+        .backend("faulty-panic-load")
+        .unwrap()
+        .load(any, &opts)
+        .err()
+        .unwrap();
+    match &e {
+        BackendError::Panic(m) => assert!(m.contains("deliberate panic while loading"), "{m}"),
+        other => panic!("expected a panic error, got {other:?}"),
+    }
+
+    let model = host
+        .backend("faulty-panic-run")
+        .unwrap()
+        .load(any, &opts)
+        .unwrap();
+    for _ in 0..3 {
+        match model.run(&[0.0; 8], &[2, 4]) {
+            Err(BackendError::Panic(m)) => {
+                assert!(m.contains("deliberate panic while running"), "{m}")
+            }
+            other => panic!("expected a panic error, got {other:?}"),
+        }
+    }
+    drop(model);
+
+    check_tract(&host, 2);
+}
+
+#[test]
+fn plugin_errors_cross_with_their_message() {
+    let mut host = PluginHost::new(vec![]);
+    host.load_library(library("infl8test_faulty")).unwrap();
+    let faulty = host.backend("faulty-error").unwrap();
+    let path = Path::new("some/model.onnx");
+
+    let mut failing = LoadOptions::default();
+    failing.extra.insert("fail".into(), true.into());
+    match faulty.load(path, &failing) {
+        Err(BackendError::Load { path, message }) => {
+            assert_eq!(path, "some/model.onnx");
+            assert_eq!(message, "faulty-error: deliberate load failure");
+        }
+        other => panic!("expected a load error, got {:?}", other.err()),
+    }
+
+    let model = faulty.load(path, &LoadOptions::default()).unwrap();
+    match model.run(&[0.0; 4], &[1, 4]) {
+        Err(BackendError::Run(m)) => assert_eq!(m, "faulty-error: deliberate run failure"),
+        other => panic!("expected a run error, got {other:?}"),
+    }
+    // The host checks shapes before the plugin sees them.
+    assert!(matches!(
+        model.run(&[0.0; 3], &[1, 3]),
+        Err(BackendError::Shape { .. })
+    ));
+}
+
+#[test]
+fn bad_output_is_refused() {
+    let mut host = PluginHost::new(vec![]);
+    let lib = library("infl8test_faulty");
+    host.load_library(&lib).unwrap();
+    let model = host
+        .backend("faulty-bad-output")
+        .unwrap()
+        .load(Path::new("unused.onnx"), &LoadOptions::default())
+        .unwrap();
+    for _ in 0..3 {
+        match model.run(&[1.0; 8], &[2, 4]) {
+            Err(BackendError::Run(m)) => {
+                assert!(m.contains("invalid output"), "{m}");
+                assert!(m.contains("needs 8 values but the buffer holds 7"), "{m}");
+                assert!(
+                    m.contains(&*lib.file_name().unwrap().to_string_lossy()),
+                    "{m}"
+                );
+            }
+            other => panic!("expected the output refused, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn missing_library_and_backend_are_clear() {
+    let mut host = PluginHost::new(vec![PathBuf::from("/nonexistent/plugins")]);
+    let e = host
+        .load_library("/nonexistent/plugins/libinfl8_nope.so")
+        .unwrap_err();
+    assert!(matches!(e, PluginError::NotFound { .. }), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("/nonexistent/plugins/libinfl8_nope.so"),
+        "{e}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_library = dir.path().join("libinfl8_fake.so");
+    std::fs::write(&not_a_library, b"not an ELF file").unwrap();
+    let e = host.load_library(&not_a_library).unwrap_err();
+    assert!(matches!(e, PluginError::Open { .. }), "{e:?}");
+    assert!(e.to_string().contains("libinfl8_fake.so"), "{e}");
+
+    host.load_library(tract_library()).unwrap();
+    let e = host.backend("cuda").err().unwrap();
+    let text = e.to_string();
+    assert!(text.contains("`cuda`"), "{text}");
+    assert!(text.contains("tract ("), "{text}");
+    assert!(text.contains("/nonexistent/plugins"), "{text}");
+}
+
+#[test]
+fn broken_libraries_do_not_stop_discovery() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(format!(
+            "{}infl8_broken{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        )),
+        b"garbage",
+    )
+    .unwrap();
+    std::fs::copy(
+        tract_library(),
+        dir.path().join(tract_library().file_name().unwrap()),
+    )
+    .unwrap();
+    let mut host = PluginHost::new(vec![dir.path().to_path_buf()]);
+    let found = host.discover();
+    assert!(
+        found
+            .iter()
+            .any(|(p, r)| p.to_string_lossy().contains("infl8_broken") && r.is_err()),
+        "{found:?}"
+    );
+    assert!(
+        host.backends().iter().any(|b| b.name == "tract"),
+        "{found:?}"
+    );
+}

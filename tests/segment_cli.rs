@@ -1,0 +1,296 @@
+//! End to end: the `infl8` binary segments a real MRI through the tract
+//! plugin loaded from its shared library.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use infl8_core::nifti_io::{self, ReadLimits};
+use infl8_suite::{bin, mni152, t1_2mm, target_dir};
+
+fn infl8(args: &[&str]) -> Output {
+    Command::new(bin("infl8"))
+        .args(args)
+        // The plugin sits next to the binary in target/<profile>.
+        .env("INFL8_PLUGIN_DIRS", target_dir())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run infl8")
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "infl8 failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn example_model(dir: &Path) -> PathBuf {
+    let model = dir.join("example.onnx");
+    ok(&infl8(&[
+        "example-model",
+        "--out",
+        model.to_str().unwrap(),
+        "--roi",
+        "48",
+        "48",
+        "48",
+    ]));
+    model
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn segments_a_real_mri_on_the_input_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = example_model(dir.path());
+    let out = dir.path().join("mask.nii.gz");
+    let logits = dir.path().join("logits.nii.gz");
+    let input = t1_2mm();
+    ok(&infl8(&[
+        "segment",
+        "--model",
+        s(&model),
+        "--input",
+        s(&input),
+        "--output",
+        s(&out),
+        "--save-logits",
+        s(&logits),
+        "--threads",
+        "2",
+    ]));
+    let limits = ReadLimits::default();
+    let vin = nifti_io::read_volume(&input, &limits).unwrap();
+    let vout = nifti_io::read_volume(&out, &limits).unwrap();
+    assert_eq!(vout.dims(), vin.dims());
+    assert_eq!(vout.channels(), 1);
+    assert!((vout.affine - vin.affine).abs().max() < 1e-5);
+    let hin = vin.header.as_ref().unwrap();
+    let hout = vout.header.as_ref().unwrap();
+    assert_eq!(hout.sform_code, hin.sform_code);
+    assert_eq!(hout.qform_code, hin.qform_code);
+    assert_eq!(hout.xyzt_units, hin.xyzt_units);
+    assert_eq!(hout.datatype, 2, "labels are uint8");
+    assert!(vout.data.iter().all(|&v| v == 0.0 || v == 1.0));
+
+    // The head mask must contain the brain (the template's own brain mask)
+    // and leave the air around the head as background.
+    let brain = nifti_io::read_volume(
+        &mni152("tpl-MNI152NLin6Asym_res-02_desc-brain_mask.nii.gz"),
+        &limits,
+    )
+    .unwrap();
+    let (mut in_brain, mut brain_total, mut head) = (0usize, 0usize, 0usize);
+    for (b, l) in brain.data.iter().zip(vout.data.iter()) {
+        if *b > 0.0 {
+            brain_total += 1;
+            if *l == 1.0 {
+                in_brain += 1;
+            }
+        }
+        if *l == 1.0 {
+            head += 1;
+        }
+    }
+    let covered = in_brain as f64 / brain_total as f64;
+    let head_frac = head as f64 / vout.data.len() as f64;
+    assert!(covered > 0.99, "brain covered {covered}");
+    assert!((0.3..0.8).contains(&head_frac), "head fraction {head_frac}");
+
+    let vl = nifti_io::read_volume(&logits, &limits).unwrap();
+    assert_eq!(vl.channels(), 2, "logits are channel-last [X,Y,Z,K]");
+    assert_eq!(vl.dims(), vin.dims());
+    // Logits and labels agree: label 1 where logit 1 > logit 0.
+    let mut disagree = 0;
+    for ((i, j, k), &l) in vout
+        .data
+        .index_axis(ndarray::Axis(0), 0)
+        .indexed_iter()
+        .map(|(ix, v)| (ix, v))
+    {
+        let fg = vl.data[[1, i, j, k]] > vl.data[[0, i, j, k]];
+        if fg != (l == 1.0) {
+            disagree += 1;
+        }
+    }
+    assert_eq!(disagree, 0);
+}
+
+#[test]
+fn flipped_storage_gives_the_same_segmentation_in_world_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = example_model(dir.path());
+    let limits = ReadLimits::default();
+    let input = t1_2mm();
+    let v = nifti_io::read_volume(&input, &limits).unwrap();
+
+    // Same scan stored with the first axis reversed; the affine compensates,
+    // so every voxel keeps its world position.
+    let mut flipped = v.clone();
+    flipped.data.invert_axis(ndarray::Axis(1));
+    let n = v.dims()[0] as f64;
+    for r in 0..3 {
+        flipped.affine[(r, 3)] += v.affine[(r, 0)] * (n - 1.0);
+        flipped.affine[(r, 0)] = -v.affine[(r, 0)];
+    }
+    flipped.header = None;
+    let flipped_path = dir.path().join("flipped.nii.gz");
+    nifti_io::write_volume(&flipped_path, &flipped, nifti_io::OutputType::F32).unwrap();
+
+    let out_a = dir.path().join("a.nii.gz");
+    let out_b = dir.path().join("b.nii.gz");
+    for (i, o) in [(&input, &out_a), (&flipped_path, &out_b)] {
+        ok(&infl8(&[
+            "segment", "--model", s(&model), "--input", s(i), "--output", s(o),
+        ]));
+    }
+    let a = nifti_io::read_volume(&out_a, &limits).unwrap();
+    let mut b = nifti_io::read_volume(&out_b, &limits).unwrap();
+    assert!((b.affine - flipped.affine).abs().max() < 1e-4);
+    b.data.invert_axis(ndarray::Axis(1));
+    let differ = a
+        .data
+        .iter()
+        .zip(b.data.iter())
+        .filter(|(x, y)| x != y)
+        .count();
+    assert_eq!(differ, 0, "{differ} voxels differ in world space");
+}
+
+#[test]
+fn foreign_model_without_manifest_runs_with_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("foreign.onnx");
+    let m = infl8_onnx::examples::pointwise_model(&[-1.0, 1.0], &[0.5, -0.5], 1);
+    infl8_onnx::write_model(&m, &model).unwrap();
+    let input = t1_2mm();
+    let out = dir.path().join("seg.nii.gz");
+
+    // No manifest, symbolic spatial dims: the window size must be given.
+    let r = infl8(&[
+        "segment", "--model", s(&model), "--input", s(&input), "--output", s(&out),
+    ]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("--roi") && err.contains("foreign.onnx"), "{err}");
+    assert!(!out.exists());
+
+    ok(&infl8(&[
+        "segment", "--model", s(&model), "--input", s(&input), "--output", s(&out),
+        "--roi", "40", "40", "40", "--window", "0", "4000", "--overlap", "0.5", "--mode",
+        "constant",
+    ]));
+    // out = argmax(-x + 0.5, x - 0.5) = (window(x) > 0.5) = raw > 2000.
+    let limits = ReadLimits::default();
+    let vin = nifti_io::read_volume(&input, &limits).unwrap();
+    let vout = nifti_io::read_volume(&out, &limits).unwrap();
+    let wrong = vin
+        .data
+        .iter()
+        .zip(vout.data.iter())
+        .filter(|(x, l)| {
+            // Skip values so close to the threshold that float rounding decides.
+            (**x - 2000.0).abs() > 1.0 && ((**x > 2000.0) != (**l == 1.0))
+        })
+        .count();
+    assert_eq!(wrong, 0);
+}
+
+#[test]
+fn folder_mode_segments_every_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = example_model(dir.path());
+    let inbox = dir.path().join("in");
+    let outbox = dir.path().join("out");
+    std::fs::create_dir_all(&inbox).unwrap();
+    std::fs::copy(t1_2mm(), inbox.join("a.nii.gz")).unwrap();
+    std::fs::copy(t1_2mm(), inbox.join("b.nii.gz")).unwrap();
+    std::fs::write(inbox.join("notes.txt"), "not an image").unwrap();
+    ok(&infl8(&[
+        "segment", "--model", s(&model), "--input", s(&inbox), "--output", s(&outbox),
+    ]));
+    assert!(outbox.join("a.nii.gz").is_file());
+    assert!(outbox.join("b.nii.gz").is_file());
+    assert_eq!(std::fs::read_dir(&outbox).unwrap().count(), 2);
+}
+
+#[test]
+fn bad_inputs_fail_cleanly_without_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = example_model(dir.path());
+    let bytes = std::fs::read(t1_2mm()).unwrap();
+    let truncated = dir.path().join("truncated.nii.gz");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let garbage = dir.path().join("garbage.nii");
+    std::fs::write(&garbage, vec![7u8; 1000]).unwrap();
+    for bad in [&truncated, &garbage] {
+        let out = dir.path().join("out.nii.gz");
+        let r = infl8(&[
+            "segment", "--model", s(&model), "--input", s(bad), "--output", s(&out),
+        ]);
+        assert!(!r.status.success());
+        let err = String::from_utf8_lossy(&r.stderr);
+        let name = bad.file_name().unwrap().to_str().unwrap();
+        assert!(err.contains(name), "error should name {name}: {err}");
+        assert!(!out.exists());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("out.nii"))
+            .collect();
+        assert!(leftovers.is_empty(), "partial output left: {leftovers:?}");
+    }
+
+    // Too large for the configured limit: refused from the header.
+    let out = dir.path().join("big.nii.gz");
+    let r = infl8(&[
+        "segment", "--model", s(&model), "--input", s(&t1_2mm()), "--output", s(&out),
+        "--max-voxels", "1000",
+    ]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("1000"));
+
+    // A backend nobody provides.
+    let r = infl8(&[
+        "segment", "--model", s(&model), "--input", s(&t1_2mm()), "--output", s(&out),
+        "--backend", "no-such-backend",
+    ]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("no-such-backend") && err.contains("tract"), "{err}");
+
+    // A model whose input channels do not fit the volume.
+    let two = dir.path().join("two-channel.onnx");
+    let m = infl8_onnx::examples::pointwise_model(&[-1.0, 1.0], &[0.0, 0.0], 2);
+    infl8_onnx::write_model(&m, &two).unwrap();
+    let r = infl8(&[
+        "segment", "--model", s(&two), "--input", s(&t1_2mm()), "--output", s(&out),
+        "--roi", "32", "32", "32",
+    ]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("channel"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn info_and_plugins_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = example_model(dir.path());
+    let r = infl8(&["info", s(&model), "--load"]);
+    ok(&r);
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(text.contains("sliding_window") && text.contains("image"), "{text}");
+    assert!(text.contains("loaded on tract"), "{text}");
+
+    let r = infl8(&["plugins"]);
+    ok(&r);
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(text.contains("tract"), "{text}");
+}

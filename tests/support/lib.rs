@@ -1,0 +1,64 @@
+//! Helpers shared by the workspace integration tests.
+//!
+//! The tests run against what `cargo build --workspace` produced (the
+//! `infl8` binary, the plugins' shared libraries) and the real data fetched
+//! by `scripts/fetch-data.sh`; a missing piece fails the test with the
+//! command that provides it, never silently skips it.
+
+pub mod npy;
+
+use std::path::PathBuf;
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `target/<profile>` of the running test binary (`.../deps/..`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test binary has a parent folder");
+    deps.parent().unwrap_or(deps).to_path_buf()
+}
+
+/// A binary built by the workspace, e.g. `bin("infl8")`.
+pub fn bin(name: &str) -> PathBuf {
+    let p = target_dir().join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build --workspace --all-targets` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A plugin library built by the workspace, e.g. `plugin_lib("infl8_tract")`.
+pub fn plugin_lib(lib_name: &str) -> PathBuf {
+    let p = target_dir().join(format!(
+        "{}{lib_name}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build --workspace --all-targets` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A real MRI volume fetched by `scripts/fetch-data.sh`.
+pub fn mni152(file: &str) -> PathBuf {
+    let p = repo_root().join(".cache/data/mni152").join(file);
+    assert!(
+        p.is_file(),
+        "{} is missing: run `scripts/fetch-data.sh` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// The 2 mm MNI152 T1 (91 x 109 x 91), the suite's standard real scan.
+pub fn t1_2mm() -> PathBuf {
+    mni152("tpl-MNI152NLin6Asym_res-02_T1w.nii.gz")
+}
