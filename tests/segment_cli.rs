@@ -112,7 +112,6 @@ fn segments_a_real_mri_on_the_input_grid() {
         .data
         .index_axis(ndarray::Axis(0), 0)
         .indexed_iter()
-        .map(|(ix, v)| (ix, v))
     {
         let fg = vl.data[[1, i, j, k]] > vl.data[[0, i, j, k]];
         if fg != (l == 1.0) {
@@ -147,7 +146,13 @@ fn flipped_storage_gives_the_same_segmentation_in_world_space() {
     let out_b = dir.path().join("b.nii.gz");
     for (i, o) in [(&input, &out_a), (&flipped_path, &out_b)] {
         ok(&infl8(&[
-            "segment", "--model", s(&model), "--input", s(i), "--output", s(o),
+            "segment",
+            "--model",
+            s(&model),
+            "--input",
+            s(i),
+            "--output",
+            s(o),
         ]));
     }
     let a = nifti_io::read_volume(&out_a, &limits).unwrap();
@@ -174,16 +179,40 @@ fn foreign_model_without_manifest_runs_with_flags() {
 
     // No manifest, symbolic spatial dims: the window size must be given.
     let r = infl8(&[
-        "segment", "--model", s(&model), "--input", s(&input), "--output", s(&out),
+        "segment",
+        "--model",
+        s(&model),
+        "--input",
+        s(&input),
+        "--output",
+        s(&out),
     ]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(err.contains("--roi") && err.contains("foreign.onnx"), "{err}");
+    assert!(
+        err.contains("--roi") && err.contains("foreign.onnx"),
+        "{err}"
+    );
     assert!(!out.exists());
 
     ok(&infl8(&[
-        "segment", "--model", s(&model), "--input", s(&input), "--output", s(&out),
-        "--roi", "40", "40", "40", "--window", "0", "4000", "--overlap", "0.5", "--mode",
+        "segment",
+        "--model",
+        s(&model),
+        "--input",
+        s(&input),
+        "--output",
+        s(&out),
+        "--roi",
+        "40",
+        "40",
+        "40",
+        "--window",
+        "0",
+        "4000",
+        "--overlap",
+        "0.5",
+        "--mode",
         "constant",
     ]));
     // out = argmax(-x + 0.5, x - 0.5) = (window(x) > 0.5) = raw > 2000.
@@ -213,7 +242,13 @@ fn folder_mode_segments_every_volume() {
     std::fs::copy(t1_2mm(), inbox.join("b.nii.gz")).unwrap();
     std::fs::write(inbox.join("notes.txt"), "not an image").unwrap();
     ok(&infl8(&[
-        "segment", "--model", s(&model), "--input", s(&inbox), "--output", s(&outbox),
+        "segment",
+        "--model",
+        s(&model),
+        "--input",
+        s(&inbox),
+        "--output",
+        s(&outbox),
     ]));
     assert!(outbox.join("a.nii.gz").is_file());
     assert!(outbox.join("b.nii.gz").is_file());
@@ -232,7 +267,13 @@ fn bad_inputs_fail_cleanly_without_output() {
     for bad in [&truncated, &garbage] {
         let out = dir.path().join("out.nii.gz");
         let r = infl8(&[
-            "segment", "--model", s(&model), "--input", s(bad), "--output", s(&out),
+            "segment",
+            "--model",
+            s(&model),
+            "--input",
+            s(bad),
+            "--output",
+            s(&out),
         ]);
         assert!(!r.status.success());
         let err = String::from_utf8_lossy(&r.stderr);
@@ -250,28 +291,54 @@ fn bad_inputs_fail_cleanly_without_output() {
     // Too large for the configured limit: refused from the header.
     let out = dir.path().join("big.nii.gz");
     let r = infl8(&[
-        "segment", "--model", s(&model), "--input", s(&t1_2mm()), "--output", s(&out),
-        "--max-voxels", "1000",
+        "segment",
+        "--model",
+        s(&model),
+        "--input",
+        s(&t1_2mm()),
+        "--output",
+        s(&out),
+        "--max-voxels",
+        "1000",
     ]);
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("1000"));
 
     // A backend nobody provides.
     let r = infl8(&[
-        "segment", "--model", s(&model), "--input", s(&t1_2mm()), "--output", s(&out),
-        "--backend", "no-such-backend",
+        "segment",
+        "--model",
+        s(&model),
+        "--input",
+        s(&t1_2mm()),
+        "--output",
+        s(&out),
+        "--backend",
+        "no-such-backend",
     ]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(err.contains("no-such-backend") && err.contains("tract"), "{err}");
+    assert!(
+        err.contains("no-such-backend") && err.contains("tract"),
+        "{err}"
+    );
 
     // A model whose input channels do not fit the volume.
     let two = dir.path().join("two-channel.onnx");
     let m = infl8_onnx::examples::pointwise_model(&[-1.0, 1.0], &[0.0, 0.0], 2);
     infl8_onnx::write_model(&m, &two).unwrap();
     let r = infl8(&[
-        "segment", "--model", s(&two), "--input", s(&t1_2mm()), "--output", s(&out),
-        "--roi", "32", "32", "32",
+        "segment",
+        "--model",
+        s(&two),
+        "--input",
+        s(&t1_2mm()),
+        "--output",
+        s(&out),
+        "--roi",
+        "32",
+        "32",
+        "32",
     ]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
@@ -286,11 +353,41 @@ fn info_and_plugins_commands() {
     let r = infl8(&["info", s(&model), "--load"]);
     ok(&r);
     let text = String::from_utf8_lossy(&r.stdout);
-    assert!(text.contains("sliding_window") && text.contains("image"), "{text}");
+    assert!(
+        text.contains("sliding_window") && text.contains("image"),
+        "{text}"
+    );
     assert!(text.contains("loaded on tract"), "{text}");
 
     let r = infl8(&["plugins"]);
     ok(&r);
     let text = String::from_utf8_lossy(&r.stdout);
     assert!(text.contains("tract"), "{text}");
+}
+
+#[test]
+fn shipped_model_is_the_generated_one_and_segments_the_readme_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = infl8_suite::repo_root().join("models/example-head-mask.onnx");
+    let fresh = dir.path().join("fresh.onnx");
+    ok(&infl8(&["example-model", "--out", s(&fresh)]));
+    assert_eq!(
+        std::fs::read(&shipped).unwrap(),
+        std::fs::read(&fresh).unwrap(),
+        "models/example-head-mask.onnx is stale: regenerate it with `infl8 example-model`"
+    );
+    // The README's main command, into a folder that does not exist yet.
+    let out = dir.path().join("out/head_mask.nii.gz");
+    ok(&infl8(&[
+        "segment",
+        "--model",
+        s(&shipped),
+        "--input",
+        s(&t1_2mm()),
+        "--output",
+        s(&out),
+    ]));
+    let v = nifti_io::read_volume(&out, &ReadLimits::default()).unwrap();
+    let head = v.data.iter().filter(|&&l| l == 1.0).count() as f64 / v.data.len() as f64;
+    assert!((0.3..0.8).contains(&head), "head fraction {head}");
 }

@@ -70,6 +70,12 @@ fn jobs(a: &SegmentArgs) -> Result<Vec<(PathBuf, PathBuf, Option<PathBuf>)>> {
                 a.output.display()
             );
         }
+        for p in std::iter::once(&a.output).chain(a.save_logits.as_ref()) {
+            if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create folder {}", parent.display()))?;
+            }
+        }
         return Ok(vec![(
             a.input.clone(),
             a.output.clone(),
@@ -160,8 +166,7 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
             bar.set_length(total);
             bar.set_position(done);
         };
-        let result =
-            segmenter.segment_file(input, output, logits.as_deref(), &limits, &progress);
+        let result = segmenter.segment_file(input, output, logits.as_deref(), &limits, &progress);
         bar.finish_and_clear();
         match result {
             Ok(r) => {
@@ -224,7 +229,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn info(a: InfoArgs) -> Result<ExitCode> {
     let model = infl8_onnx::read_model(&a.model)?;
     let size = std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0);
-    println!("model:    {} ({:.1} MB)", a.model.display(), size as f64 / 1e6);
+    println!(
+        "model:    {} ({:.1} MB)",
+        a.model.display(),
+        size as f64 / 1e6
+    );
     println!(
         "producer: {} {}",
         model.producer_name, model.producer_version
@@ -233,7 +242,11 @@ pub fn info(a: InfoArgs) -> Result<ExitCode> {
         .opset_import
         .iter()
         .map(|o| {
-            let d = if o.domain.is_empty() { "ai.onnx" } else { &o.domain };
+            let d = if o.domain.is_empty() {
+                "ai.onnx"
+            } else {
+                &o.domain
+            };
             format!("{d} {}", o.version)
         })
         .collect();
@@ -292,7 +305,10 @@ pub fn plugins(a: PluginsArgs) -> Result<ExitCode> {
     let mut host = PluginHost::new(settings.plugin_dirs.clone());
     let found = host.discover();
     let backends = host.backends();
-    println!("{:<16} {:<10} {:<44} LIBRARY", "BACKEND", "VERSION", "DESCRIPTION");
+    println!(
+        "{:<16} {:<10} {:<44} LIBRARY",
+        "BACKEND", "VERSION", "DESCRIPTION"
+    );
     for b in &backends {
         println!(
             "{:<16} {:<10} {:<44} {}",

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "infl8", version, about = "Edge runtime for 3D medical image segmentation")]
+#[command(
+    name = "infl8",
+    version,
+    about = "Edge runtime for 3D medical image segmentation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Segment a NIfTI volume (or every volume in a folder).
-    Segment(flags::SegmentArgs),
+    Segment(Box<flags::SegmentArgs>),
     /// Print a model's inputs, outputs and manifest.
     Info(flags::InfoArgs),
     /// List the backend plugins found.
@@ -35,7 +39,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Segment(a) => commands::segment(a),
+        Command::Segment(a) => commands::segment(*a),
         Command::Info(a) => commands::info(a),
         Command::Plugins(a) => commands::plugins(a),
         Command::ExampleModel(a) => commands::example_model(a),
@@ -43,8 +47,24 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, skipping a cause whose text the message above
+/// it already quotes (library errors often embed their source).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }

@@ -146,7 +146,9 @@ impl Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tensor").field("shape", &self.shape).finish()
+        f.debug_struct("Tensor")
+            .field("shape", &self.shape)
+            .finish()
     }
 }
 

@@ -126,10 +126,8 @@ pub fn load(
     };
     let defaults =
         serde_json::to_string(&Settings::default()).map_err(|e| invalid(e.to_string()))?;
-    let mut b = config::Config::builder().add_source(config::File::from_str(
-        &defaults,
-        config::FileFormat::Json,
-    ));
+    let mut b = config::Config::builder()
+        .add_source(config::File::from_str(&defaults, config::FileFormat::Json));
     if let Some(f) = file {
         if !f.is_file() {
             return Err(invalid("the file does not exist".into()));
@@ -272,6 +270,9 @@ mod tests {
     #[test]
     fn plugin_dirs_from_env_list() {
         let s = load(None, env(&[("INFL8_PLUGIN_DIRS", "/a,/b")]), &json!({})).unwrap();
-        assert_eq!(s.plugin_dirs, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(
+            s.plugin_dirs,
+            vec![PathBuf::from("/a"), PathBuf::from("/b")]
+        );
     }
 }

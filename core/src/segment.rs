@@ -87,10 +87,12 @@ impl Segmenter {
                 self.manifest.input_channels
             )));
         }
-        let (prepared, inverse) = preprocess::preprocess(vol, &self.manifest.preprocess)
-            .map_err(|source_err| SegmentError::Preprocess {
-                path: source.to_path_buf(),
-                source: source_err,
+        let (prepared, inverse) =
+            preprocess::preprocess(vol, &self.manifest.preprocess).map_err(|source_err| {
+                SegmentError::Preprocess {
+                    path: source.to_path_buf(),
+                    source: source_err,
+                }
             })?;
         let infer_err = |e: InferenceError| SegmentError::Inference {
             path: source.to_path_buf(),
@@ -129,10 +131,12 @@ impl Segmenter {
         // Logits go back to the input grid before the argmax: resampling
         // class scores (trilinear) gives smoother borders than resampling
         // labels, and the saved logits then agree with the saved labels.
-        let logits = inverse.logits(logits).map_err(|e| SegmentError::Preprocess {
-            path: source.to_path_buf(),
-            source: e,
-        })?;
+        let logits = inverse
+            .logits(logits)
+            .map_err(|e| SegmentError::Preprocess {
+                path: source.to_path_buf(),
+                source: e,
+            })?;
         let mut labels = postprocess::argmax(logits.view()).map_err(infer_err)?;
         if self.largest_component {
             let n = self.manifest.labels.len();

@@ -26,11 +26,7 @@ pub fn head_mask_model(roi: [i64; 3], threshold: f32, gain: f32) -> ModelProto {
     let mut w = vec![-k; 27];
     w.extend(std::iter::repeat_n(k, 27));
     let w = g.weight("head.weight", &[2, 1, 3, 3, 3], &w);
-    let b = g.weight(
-        "head.bias",
-        &[2],
-        &[gain * threshold, -gain * threshold],
-    );
+    let b = g.weight("head.bias", &[2], &[gain * threshold, -gain * threshold]);
     g.node_named(
         "Conv",
         "head/Conv",
