@@ -170,6 +170,10 @@ impl GraphBuilder {
         name
     }
 
+    pub fn has_initializer(&self, name: &str) -> bool {
+        self.graph.initializer.iter().any(|t| t.name == name)
+    }
+
     fn fresh(&mut self, op: &str) -> String {
         self.counter += 1;
         format!("{op}_{}", self.counter)

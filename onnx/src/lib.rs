@@ -61,6 +61,11 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<ModelProto, OnnxError> {
     Ok(model)
 }
 
+/// The model's serialised bytes.
+pub fn encode(model: &ModelProto) -> Vec<u8> {
+    model.encode_to_vec()
+}
+
 pub fn read_model(path: &Path) -> Result<ModelProto, OnnxError> {
     let bytes = std::fs::read(path).map_err(|source| OnnxError::Io {
         path: path.to_path_buf(),

@@ -1,0 +1,8 @@
+pub mod import;
+pub mod inflate;
+pub mod model;
+pub mod reference;
+pub mod vit;
+pub mod export;
+pub mod build;
+pub mod checkpoint;

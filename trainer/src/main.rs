@@ -1,0 +1,265 @@
+//! `infl8-train`: import a pretrained 2D ViT, inflate it into a 3D
+//! segmentation model, export it to ONNX for `infl8 segment`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use infl8_core::preprocess::{Normalization, PreprocessSpec};
+use infl8_trainer::build::{BuildOptions, build};
+use infl8_trainer::export::{RuntimeSpec, export, manifest_for};
+use infl8_trainer::import::{ImportOptions, load_vit2d_with, save_vit2d};
+use infl8_trainer::inflate::Init;
+use infl8_trainer::model::ModelShape;
+use infl8_trainer::checkpoint;
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "infl8-train", version, about = "Inflate pretrained 2D ViTs into 3D segmentation models")]
+struct Cli {
+    /// burn device: flex (pure-Rust CPU, default) or ndarray (when built
+    /// with the `ndarray-backend` feature).
+    #[arg(long, global = true, default_value = "flex")]
+    device: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read a 2D ViT (safetensors timm/HF, PyTorch .pt/.pth, ONNX) and
+    /// report what was loaded, missing and ignored; optionally save it in
+    /// infl8's canonical safetensors form.
+    Import(ImportArgs),
+    /// Build a segmentation model from a 2D ViT: inflated encoder + decoder.
+    Inflate(InflateArgs),
+    /// Export a checkpoint to ONNX with its manifest, verified against tract.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct SourceArgs {
+    /// Attention heads, when the file does not say (default: width / 64 rule).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// LayerNorm epsilon override.
+    #[arg(long)]
+    eps: Option<f64>,
+}
+
+impl SourceArgs {
+    fn options(&self) -> ImportOptions {
+        ImportOptions {
+            heads: self.heads,
+            eps: self.eps,
+            prefix: None,
+        }
+    }
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The 2D ViT weights.
+    source: PathBuf,
+    /// Write the backbone as canonical safetensors here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    src: SourceArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ShapeArg {
+    Slab,
+    Volumetric,
+}
+
+#[derive(Args)]
+struct InflateArgs {
+    /// The 2D ViT (any format `import` reads).
+    #[arg(long)]
+    vit: PathBuf,
+    /// Checkpoint to write (.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "slab")]
+    shape: ShapeArg,
+    /// Slices per slab (slab shape).
+    #[arg(long, default_value_t = 3)]
+    slab_depth: usize,
+    /// Slices per 3D tile (volumetric shape).
+    #[arg(long, default_value_t = 16)]
+    tile_depth: usize,
+    /// Slices per patch (volumetric shape).
+    #[arg(long, default_value_t = 4)]
+    patch_depth: usize,
+    /// In-plane tile X Y, multiples of the patch size.
+    #[arg(long, num_args = 2, value_names = ["X", "Y"], default_values_t = [112, 112])]
+    roi: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    #[arg(long, default_value_t = 2)]
+    classes: usize,
+    /// Decoder width at full resolution.
+    #[arg(long, default_value_t = 16)]
+    features: usize,
+    /// Keep only the first K encoder blocks.
+    #[arg(long)]
+    blocks: Option<usize>,
+    /// inflated (centering), inflated-average, scratch or 2d.
+    #[arg(long, default_value = "inflated")]
+    init: String,
+    /// Seed of the decoder's (and scratch encoder's) random init.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    src: SourceArgs,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Class names, background first (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "background,foreground")]
+    labels: Vec<String>,
+    /// Target voxel spacing in mm (X Y Z); default: keep the input's.
+    #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"])]
+    spacing: Option<Vec<f64>>,
+    /// Intensity window LO HI, scaled to [0, 1].
+    #[arg(long, num_args = 2, value_names = ["LO", "HI"], conflicts_with_all = ["zscore", "percentile"])]
+    window: Option<Vec<f64>>,
+    /// Z-score normalisation over nonzero voxels.
+    #[arg(long)]
+    zscore: bool,
+    /// Percentile window LO HI (percent), scaled to [0, 1].
+    #[arg(long, num_args = 2, value_names = ["LO", "HI"])]
+    percentile: Option<Vec<f64>>,
+    /// Overlap of neighbouring windows.
+    #[arg(long, default_value_t = 0.5)]
+    overlap: f64,
+    /// Model name for the manifest.
+    #[arg(long)]
+    name: Option<String>,
+}
+
+fn device(name: &str) -> Result<Device> {
+    match name {
+        "flex" => Ok(Device::flex()),
+        #[cfg(feature = "ndarray-backend")]
+        "ndarray" => Ok(Device::ndarray()),
+        other => bail!(
+            "unknown or not compiled-in burn device `{other}` (flex{})",
+            if cfg!(feature = "ndarray-backend") { ", ndarray" } else { "" }
+        ),
+    }
+}
+
+fn import(a: ImportArgs) -> Result<()> {
+    let (vit, report) = load_vit2d_with(&a.source, &a.src.options())?;
+    println!("{report}");
+    if let Some(out) = a.out {
+        save_vit2d(&out, &vit)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn inflate(a: InflateArgs, device: &Device) -> Result<()> {
+    let (vit, report) = load_vit2d_with(&a.vit, &a.src.options())?;
+    info!(source = %a.vit.display(), loaded = report.loaded.len(), "2D ViT read");
+    let init = Init::parse(&a.init)?;
+    let shape = match a.shape {
+        ShapeArg::Slab => ModelShape::Slab {
+            depth: a.slab_depth,
+        },
+        ShapeArg::Volumetric => ModelShape::Volumetric {
+            tile_depth: a.tile_depth,
+            patch_depth: a.patch_depth,
+        },
+    };
+    let opts = BuildOptions {
+        shape,
+        roi_hw: [a.roi[0], a.roi[1]],
+        in_channels: a.channels,
+        classes: a.classes,
+        features: a.features,
+        blocks: a.blocks,
+        init,
+    };
+    device.seed(a.seed);
+    let mut model = build(&vit, &opts, device)?;
+    model.config.source = a.vit.display().to_string();
+    checkpoint::save(&model, &a.out)?;
+    let c = &model.config;
+    println!(
+        "wrote {}: {} encoder ({} of {} blocks, width {}, patch {}x{}x{}), {:?}, in-plane tile {:?}, taps {:?}, decoder levels {:?}",
+        a.out.display(),
+        init.name(),
+        c.vit.depth,
+        vit.config.depth,
+        c.vit.width,
+        c.shape.patch_depth(),
+        c.vit.patch,
+        c.vit.patch,
+        c.shape,
+        c.roi_hw(),
+        c.taps,
+        c.factors_hw
+    );
+    Ok(())
+}
+
+fn export_cmd(a: ExportArgs, device: &Device) -> Result<()> {
+    let model = checkpoint::load(&a.checkpoint, device)?;
+    let normalization = match (&a.window, a.zscore, &a.percentile) {
+        (Some(w), _, _) => Normalization::Window { lo: w[0], hi: w[1] },
+        (_, true, _) => Normalization::Zscore { nonzero: true },
+        (_, _, Some(p)) => Normalization::Percentile { lo: p[0], hi: p[1] },
+        _ => Normalization::None,
+    };
+    let spec = RuntimeSpec {
+        name: a.name.clone(),
+        labels: a.labels.clone(),
+        preprocess: PreprocessSpec {
+            reorient: true,
+            target_spacing: a.spacing.as_ref().map(|s| [s[0], s[1], s[2]]),
+            normalization,
+        },
+        overlap: a.overlap,
+    };
+    let manifest = manifest_for(&model, &spec).map_err(anyhow::Error::msg)?;
+    let diff = export(&model, &manifest, &a.out)
+        .with_context(|| format!("exporting {}", a.checkpoint.display()))?;
+    println!(
+        "wrote {} (tract vs burn max abs diff {diff:.2e})",
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = device(&cli.device).and_then(|d| match cli.command {
+        Command::Import(a) => import(a),
+        Command::Inflate(a) => inflate(a, &d),
+        Command::Export(a) => export_cmd(a, &d),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
