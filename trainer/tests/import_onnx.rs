@@ -95,11 +95,7 @@ fn v(a: &ndarray::Array1<f32>) -> Vec<f32> {
 /// Exports `vit` as PyTorch does an HF Dinov2 backbone plus a head.
 fn export_like_hf(vit: &Vit2d, image: [usize; 2]) -> infl8_onnx::ModelProto {
     let cfg = &vit.config;
-    let (c, hd, t) = (
-        cfg.width,
-        cfg.head_dim(),
-        1 + cfg.grid[0] * cfg.grid[1],
-    );
+    let (c, hd, t) = (cfg.width, cfg.head_dim(), 1 + cfg.grid[0] * cfg.grid[1]);
     let mut e = Exporter {
         g: GraphBuilder::new("torch_jit"),
         unnamed: 1957,
@@ -137,13 +133,23 @@ fn export_like_hf(vit: &Vit2d, image: [usize; 2]) -> infl8_onnx::ModelProto {
     );
     let shape = e.ints(emb, &[1, c as i64, -1]);
     let flat = e.node("Reshape", emb, &[&conv, &shape], vec![]);
-    let patches = e.node("Transpose", emb, &[&flat], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+    let patches = e.node(
+        "Transpose",
+        emb,
+        &[&flat],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    );
     let cls = e.named(
         "backbone.embeddings.cls_token",
         &v(vit.cls.as_ref().unwrap()),
         &[1, 1, c as i64],
     );
-    let tokens = e.node("Concat", emb, &[&cls, &patches], vec![("axis", Attr::Int(1))]);
+    let tokens = e.node(
+        "Concat",
+        emb,
+        &[&cls, &patches],
+        vec![("axis", Attr::Int(1))],
+    );
     // The position table, folded into two unnamed constants.
     let cls_pos = e.g.weight(
         "onnx::Concat_1957",
@@ -153,11 +159,20 @@ fn export_like_hf(vit: &Vit2d, image: [usize; 2]) -> infl8_onnx::ModelProto {
     let grid_pos = e.g.weight(
         "onnx::Reshape_1962",
         &[1, (t - 1) as i64, c as i64],
-        &vit.pos.slice(s![1.., ..]).iter().copied().collect::<Vec<_>>(),
+        &vit.pos
+            .slice(s![1.., ..])
+            .iter()
+            .copied()
+            .collect::<Vec<_>>(),
     );
     let same = e.ints(emb, &[1, -1, c as i64]);
     let grid_pos = e.node("Reshape", emb, &[&grid_pos, &same], vec![]);
-    let pos = e.node("Concat", emb, &[&cls_pos, &grid_pos], vec![("axis", Attr::Int(1))]);
+    let pos = e.node(
+        "Concat",
+        emb,
+        &[&cls_pos, &grid_pos],
+        vec![("axis", Attr::Int(1))],
+    );
     let mut h = e.node("Add", emb, &[&tokens, &pos], vec![]);
 
     for (i, b) in vit.blocks.iter().enumerate() {
@@ -189,8 +204,15 @@ fn export_like_hf(vit: &Vit2d, image: [usize; 2]) -> infl8_onnx::ModelProto {
             let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
             let shape = e.node("Concat", &att, &refs, vec![("axis", Attr::Int(0))]);
             let y = e.node("Reshape", &att, &[&y, &shape], vec![]);
-            let perm = if part == "key" { vec![0, 2, 3, 1] } else { vec![0, 2, 1, 3] };
-            heads.push((j, e.node("Transpose", &att, &[&y], vec![("perm", Attr::Ints(perm))])));
+            let perm = if part == "key" {
+                vec![0, 2, 3, 1]
+            } else {
+                vec![0, 2, 1, 3]
+            };
+            heads.push((
+                j,
+                e.node("Transpose", &att, &[&y], vec![("perm", Attr::Ints(perm))]),
+            ));
         }
         heads.sort();
         let (q, k, vv) = (heads[0].1.clone(), heads[1].1.clone(), heads[2].1.clone());
@@ -199,7 +221,12 @@ fn export_like_hf(vit: &Vit2d, image: [usize; 2]) -> infl8_onnx::ModelProto {
         let scores = e.node("Mul", &att, &[&scores, &scale], vec![]);
         let probs = e.node("Softmax", &att, &[&scores], vec![("axis", Attr::Int(-1))]);
         let ctx = e.node("MatMul", &att, &[&probs, &vv], vec![]);
-        let ctx = e.node("Transpose", &att, &[&ctx], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
+        let ctx = e.node(
+            "Transpose",
+            &att,
+            &[&ctx],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
         let back = e.ints(&att, &[1, t as i64, c as i64]);
         let ctx = e.node("Reshape", &att, &[&ctx, &back], vec![]);
         let o = e.linear(
@@ -319,7 +346,10 @@ fn non_vit_and_broken_onnx_fail_clearly() {
     let err = load_vit2d(&path).unwrap_err();
     assert!(matches!(err, ImportError::NotAVit { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("head_mask.onnx") && msg.contains("head.weight"), "{msg}");
+    assert!(
+        msg.contains("head_mask.onnx") && msg.contains("head.weight"),
+        "{msg}"
+    );
 
     let path = dir.path().join("garbage.onnx");
     std::fs::write(&path, b"\xff\xff\xff\xff not onnx").unwrap();
@@ -360,10 +390,19 @@ fn vit_s_focus() -> std::path::PathBuf {
 #[test]
 fn real_dinov2_vit_s14_matches_tract() {
     let path = vit_s_focus();
+    let start = std::time::Instant::now();
     let (vit, report) = load_vit2d(&path).unwrap();
+    eprintln!("import {:.2} s\n{report}", start.elapsed().as_secs_f32());
     let cfg = &vit.config;
     assert_eq!(
-        (cfg.patch, cfg.width, cfg.depth, cfg.heads, cfg.mlp, cfg.in_chans),
+        (
+            cfg.patch,
+            cfg.width,
+            cfg.depth,
+            cfg.heads,
+            cfg.mlp,
+            cfg.in_chans
+        ),
         (14, 384, 12, 6, 1536, 3)
     );
     assert_eq!(cfg.grid, [37, 37]);
@@ -371,7 +410,10 @@ fn real_dinov2_vit_s14_matches_tract() {
     assert_eq!(cfg.eps, 1e-6);
     assert_eq!(report.naming, Naming::Hf);
     assert_eq!(report.prefix, "backbone.");
-    assert!(report.ignored.iter().all(|n| n.starts_with("decoder.")), "{report}");
+    assert!(
+        report.ignored.iter().all(|n| n.starts_with("decoder.")),
+        "{report}"
+    );
     assert!(report.missing.is_empty(), "{report}");
     // Every weight of the backbone: 4 embedding tensors, 18 per block
     // (q, k, v separately), 2 for the final norm.
@@ -381,8 +423,15 @@ fn real_dinov2_vit_s14_matches_tract() {
     let vit16 = reference::resize_pos_embed(&vit, [16, 16]).unwrap();
     let mut image = smooth_image(224, 224);
     reference::imagenet_normalise(&mut image);
+    let start = std::time::Instant::now();
     let ours = reference::forward_tokens(&vit16, image.view()).unwrap();
+    let ours_s = start.elapsed().as_secs_f32();
+    let start = std::time::Instant::now();
     let tract = reference::onnx_backbone_tokens(&path, image.view()).unwrap();
+    eprintln!(
+        "ViT-S/14 224x224: ndarray reference {ours_s:.2} s, tract (load + run) {:.2} s",
+        start.elapsed().as_secs_f32()
+    );
     assert_eq!(ours.shape(), [257, 384]);
     let diff = reference::max_abs_diff(ours.view(), tract.view()).unwrap();
     let scale = tract.iter().fold(0.0f32, |m, v| m.max(v.abs()));

@@ -83,7 +83,10 @@ fn torch_save_checkpoint_imports_exactly() {
     let (want, _) = load_vit2d_with(&expected, &heads2()).unwrap();
     assert_vit_eq(&got, &want);
     let c = &got.config;
-    assert_eq!((c.width, c.depth, c.mlp, c.patch, c.grid), (16, 2, 32, 2, [2, 2]));
+    assert_eq!(
+        (c.width, c.depth, c.mlp, c.patch, c.grid),
+        (16, 2, 32, 2, [2, 2])
+    );
     assert!(c.cls_token && c.layer_scale);
 }
 

@@ -40,7 +40,11 @@ fn timm_and_hf_layouts_import_to_the_same_vit() {
     // HF Dinov2Model inside a classifier: prefix, mask token and head.
     let hf = dir.path().join("hf.safetensors");
     let mut tensors = hf_tensors(&vit, "dinov2.", true);
-    tensors.push(("dinov2.embeddings.mask_token".into(), vec![1, 32], vec![0.0; 32]));
+    tensors.push((
+        "dinov2.embeddings.mask_token".into(),
+        vec![1, 32],
+        vec![0.0; 32],
+    ));
     tensors.push(("classifier.weight".into(), vec![10, 64], vec![0.5; 640]));
     tensors.push(("classifier.bias".into(), vec![10], vec![0.5; 10]));
     write_safetensors(&hf, &tensors);
@@ -74,7 +78,11 @@ fn hf_vit_model_names_default_to_its_eps() {
     let vit = random_vit(&cfg, 2);
     let path = dir.path().join("model.safetensors");
     let mut tensors = hf_tensors(&vit, "vit.", false);
-    tensors.push(("vit.pooler.dense.weight".into(), vec![32, 32], vec![0.0; 1024]));
+    tensors.push((
+        "vit.pooler.dense.weight".into(),
+        vec![32, 32],
+        vec![0.0; 1024],
+    ));
     write_safetensors(&path, &tensors);
     let (got, report) = load_vit2d_with(&path, &heads2()).unwrap();
     assert_vit_eq(&got, &vit);
@@ -116,7 +124,10 @@ fn canonical_file_round_trips_exactly() {
     let (back, report) = load_vit2d(&path).unwrap();
     assert_vit_eq(&back, &vit);
     assert_eq!(report.naming, Naming::Timm);
-    assert!(report.ignored.is_empty() && report.missing.is_empty(), "{report}");
+    assert!(
+        report.ignored.is_empty() && report.missing.is_empty(),
+        "{report}"
+    );
 
     // Saving what was loaded gives the same bytes.
     let again = dir.path().join("again.safetensors");
@@ -147,7 +158,10 @@ fn metadata_that_contradicts_the_weights_is_an_error() {
     write_safetensors_with(&path, &timm_tensors(&vit, ""), Some(metadata), &[]);
     let err = load_vit2d(&path).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("bad-meta.safetensors") && msg.contains("metadata"), "{msg}");
+    assert!(
+        msg.contains("bad-meta.safetensors") && msg.contains("metadata"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -174,7 +188,11 @@ fn timm_variants_split_bias_no_embed_class_chunks_and_bf16() {
         };
         if let Some(rest) = name.strip_suffix("attn.qkv.bias") {
             tensors.push((format!("{rest}attn.q_bias"), vec![c], values[..c].to_vec()));
-            tensors.push((format!("{rest}attn.v_bias"), vec![c], values[2 * c..].to_vec()));
+            tensors.push((
+                format!("{rest}attn.v_bias"),
+                vec![c],
+                values[2 * c..].to_vec(),
+            ));
         } else if name == "module.pos_embed" {
             tensors.push((name, vec![1, 9, c], values[c..].to_vec()));
         } else {
@@ -204,7 +222,10 @@ fn absent_biases_are_zeros_and_reported() {
     write_safetensors(&path, &tensors);
     let (got, report) = load_vit2d_with(&path, &heads2()).unwrap();
     assert_vit_eq(&got, &vit);
-    assert_eq!(report.missing, ["blocks.0.attn.qkv.bias", "blocks.1.attn.qkv.bias"]);
+    assert_eq!(
+        report.missing,
+        ["blocks.0.attn.qkv.bias", "blocks.1.attn.qkv.bias"]
+    );
 }
 
 #[test]
@@ -220,7 +241,11 @@ fn missing_tensors_are_named() {
     let err = load_vit2d_with(&path, &heads2()).unwrap_err();
     assert!(matches!(err, ImportError::Missing { .. }), "{err:?}");
     let msg = err.to_string();
-    for want in ["missing.safetensors", "blocks.1.mlp.fc2.weight", "norm.bias"] {
+    for want in [
+        "missing.safetensors",
+        "blocks.1.mlp.fc2.weight",
+        "norm.bias",
+    ] {
         assert!(msg.contains(want), "{msg}");
     }
 }
@@ -252,7 +277,11 @@ fn unsupported_block_tensors_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let vit = random_vit(&tiny_config(), 11);
     let mut tensors = timm_tensors(&vit, "");
-    tensors.push(("blocks.0.attn.q_norm.weight".into(), vec![16], vec![1.0; 16]));
+    tensors.push((
+        "blocks.0.attn.q_norm.weight".into(),
+        vec![16],
+        vec![1.0; 16],
+    ));
     let path = dir.path().join("qknorm.safetensors");
     write_safetensors(&path, &tensors);
     let err = load_vit2d_with(&path, &heads2()).unwrap_err();
@@ -269,7 +298,10 @@ fn heads_need_a_source_below_width_64() {
     write_safetensors(&path, &timm_tensors(&vit, ""));
     let err = load_vit2d(&path).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("noheads.safetensors") && msg.contains("heads"), "{msg}");
+    assert!(
+        msg.contains("noheads.safetensors") && msg.contains("heads"),
+        "{msg}"
+    );
     // Heads that do not divide the width.
     let err = load_vit2d_with(
         &path,
@@ -326,7 +358,10 @@ fn truncated_and_foreign_files_fail_naming_the_file() {
     let err = load_vit2d(&path).unwrap_err();
     assert!(matches!(err, ImportError::NotAVit { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("resnet.safetensors") && msg.contains("conv1.weight"), "{msg}");
+    assert!(
+        msg.contains("resnet.safetensors") && msg.contains("conv1.weight"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -12,7 +12,7 @@ mod safetensors;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::vit::{VitConfig, Vit2d};
+use crate::vit::{Vit2d, VitConfig};
 
 pub use names::validate;
 
@@ -27,9 +27,7 @@ pub enum ImportError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "{path}: unknown weight file type (expected .safetensors, .pt, .pth, .bin or .onnx)"
-    )]
+    #[error("{path}: unknown weight file type (expected .safetensors, .pt, .pth, .bin or .onnx)")]
     UnknownFormat { path: PathBuf },
     #[error("{path} is not a valid {format} file: {message}")]
     Parse {
@@ -183,11 +181,7 @@ impl fmt::Display for ImportReport {
         )?;
         writeln!(f, "  loaded {} tensors", self.loaded.len())?;
         if !self.missing.is_empty() {
-            writeln!(
-                f,
-                "  absent, filled with zeros: {}",
-                list(&self.missing)
-            )?;
+            writeln!(f, "  absent, filled with zeros: {}", list(&self.missing))?;
         }
         if !self.ignored.is_empty() {
             writeln!(

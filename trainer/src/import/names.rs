@@ -60,7 +60,7 @@ pub(crate) fn decode_le(bytes: &[u8], elem: Elem) -> Result<Vec<f32>, String> {
         Elem::F64 => 8,
         Elem::F16 | Elem::Bf16 => 2,
     };
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(format!(
             "{} bytes is not a whole number of {size}-byte elements",
             bytes.len()
@@ -73,9 +73,7 @@ pub(crate) fn decode_le(bytes: &[u8], elem: Elem) -> Result<Vec<f32>, String> {
             .collect(),
         Elem::F64 => bytes
             .chunks_exact(8)
-            .map(|c| {
-                f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
-            })
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
             .collect(),
         Elem::F16 => bytes
             .chunks_exact(2)
@@ -172,8 +170,7 @@ pub(crate) fn find_backbone(
             ),
         });
     };
-    let best: Vec<&(String, Naming)> =
-        found.iter().filter(|(p, _)| p.len() == shortest).collect();
+    let best: Vec<&(String, Naming)> = found.iter().filter(|(p, _)| p.len() == shortest).collect();
     if best.len() > 1 {
         return Err(ImportError::Config {
             path: path.to_path_buf(),
@@ -432,8 +429,7 @@ pub(crate) fn assemble(
     let s = |v: &str| vec![v.to_owned()];
 
     // Patch embedding: gives width, input channels and patch size.
-    let (patch_name, bias_name, cls_name, pos_name, norm_name, block_prefix, names) = match naming
-    {
+    let (patch_name, bias_name, cls_name, pos_name, norm_name, block_prefix, names) = match naming {
         Naming::Timm => (
             TIMM_ANCHOR,
             "patch_embed.proj.bias",
@@ -517,8 +513,9 @@ pub(crate) fn assemble(
         });
     }
     if depth == 0 {
-        ctx.missing
-            .push(format!("{prefix}{block_prefix}.0.* (no transformer blocks)"));
+        ctx.missing.push(format!(
+            "{prefix}{block_prefix}.0.* (no transformer blocks)"
+        ));
     }
     let bname = |i: usize, rest: &str| format!("{block_prefix}.{i}.{rest}");
     let cands = |i: usize, list: &[&str], suffix: &str| -> Vec<String> {
@@ -573,7 +570,8 @@ pub(crate) fn assemble(
                     vec![0.0; 3 * c]
                 };
                 (
-                    arr2(w, 3 * c, c).map_err(|e| ctx.shape_error(&bname(i, "attn.qkv.weight"), e, &[]))?,
+                    arr2(w, 3 * c, c)
+                        .map_err(|e| ctx.shape_error(&bname(i, "attn.qkv.weight"), e, &[]))?,
                     arr1(b),
                 )
             }
@@ -589,7 +587,8 @@ pub(crate) fn assemble(
                     );
                 }
                 (
-                    arr2(w, 3 * c, c).map_err(|e| ctx.shape_error(&bname(i, "attention"), e, &[]))?,
+                    arr2(w, 3 * c, c)
+                        .map_err(|e| ctx.shape_error(&bname(i, "attention"), e, &[]))?,
                     arr1(b),
                 )
             }
@@ -726,10 +725,12 @@ pub(crate) fn assemble(
         (m.heads, format!("{} metadata", super::VIT2D_METADATA_KEY))
     } else if let Some((h, from)) = hints.heads.take() {
         (h, from)
-    } else if c % 64 == 0 {
+    } else if c.is_multiple_of(64) {
         (
             c / 64,
-            format!("assumed: width {c} / 64 as in ViT-S/B/L/g; give the heads if this model differs"),
+            format!(
+                "assumed: width {c} / 64 as in ViT-S/B/L/g; give the heads if this model differs"
+            ),
         )
     } else {
         return Err(ImportError::Config {
@@ -740,7 +741,7 @@ pub(crate) fn assemble(
             ),
         });
     };
-    if heads == 0 || c % heads != 0 {
+    if heads == 0 || !c.is_multiple_of(heads) {
         return Err(ImportError::Config {
             path: path.to_path_buf(),
             message: format!("{heads} heads ({heads_from}) do not divide the width {c}"),
@@ -866,7 +867,7 @@ pub fn validate(vit: &Vit2d) -> Result<(), String> {
         }
     }
     let e = &mut errs;
-    if cfg.heads == 0 || c % cfg.heads != 0 {
+    if cfg.heads == 0 || !c.is_multiple_of(cfg.heads) {
         return Err(format!("{} heads do not divide the width {c}", cfg.heads));
     }
     check(
@@ -924,5 +925,56 @@ pub fn validate(vit: &Vit2d) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("inconsistent ViT: {}", errs.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_every_float_width() {
+        let f32s: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(decode_le(&f32s, Elem::F32).unwrap(), [1.5, -2.0]);
+        let f64s: Vec<u8> = [0.25f64].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(decode_le(&f64s, Elem::F64).unwrap(), [0.25]);
+        let f16 = half::f16::from_f32(-0.5).to_le_bytes();
+        assert_eq!(decode_le(&f16, Elem::F16).unwrap(), [-0.5]);
+        let bf16 = half::bf16::from_f32(3.0).to_le_bytes();
+        assert_eq!(decode_le(&bf16, Elem::Bf16).unwrap(), [3.0]);
+        assert!(decode_le(&[0, 0, 0], Elem::F32).is_err());
+    }
+
+    #[test]
+    fn anchors_need_a_dot_boundary() {
+        let found = anchors([
+            "module.patch_embed.proj.weight",
+            "xpatch_embed.proj.weight",
+            "vit.embeddings.patch_embeddings.projection.weight",
+        ]);
+        assert_eq!(
+            found,
+            [
+                ("module.".to_owned(), Naming::Timm),
+                ("vit.".to_owned(), Naming::Hf)
+            ]
+        );
+    }
+
+    #[test]
+    fn block_names_parse() {
+        assert_eq!(
+            block_of("blocks.11.attn.qkv.weight", Naming::Timm),
+            Some((11, "attn.qkv.weight"))
+        );
+        assert_eq!(
+            block_of("encoder.layer.3.norm1.bias", Naming::Hf),
+            Some((3, "norm1.bias"))
+        );
+        assert_eq!(block_of("blocks.x.norm1.bias", Naming::Timm), None);
+        assert_eq!(block_of("norm.weight", Naming::Timm), None);
     }
 }

@@ -17,7 +17,8 @@ use super::names::{self, Elem, Entries, Entry, Hints};
 use super::{ImportError, ImportOptions, ImportReport, Naming, SourceFormat, VIT2D_METADATA_KEY};
 use crate::vit::{Vit2d, VitConfig};
 
-/// `TensorProto.DataType` values beyond those `infl8_onnx` names.
+/// `TensorProto.DataType` values this reader handles (`infl8_onnx` names
+/// only some).
 mod dt {
     pub const FLOAT: i32 = 1;
     pub const INT32: i32 = 6;
@@ -37,9 +38,11 @@ fn numel(t: &TensorProto) -> usize {
 /// Float values of a tensor, whatever field holds them.
 fn float_values(t: &TensorProto) -> Result<Vec<f32>, String> {
     if t.data_location == EXTERNAL {
-        return Err("its data is stored outside the model file (external data), which this \
+        return Err(
+            "its data is stored outside the model file (external data), which this \
                     importer does not read"
-            .into());
+                .into(),
+        );
     }
     let raw = !t.raw_data.is_empty();
     let half_bits = |elem| -> Result<Vec<f32>, String> {
@@ -185,7 +188,10 @@ fn dims_usize(t: &TensorProto) -> Option<Vec<usize>> {
     t.dims.iter().map(|&d| usize::try_from(d).ok()).collect()
 }
 
-pub(super) fn load(path: &Path, opts: &ImportOptions) -> Result<(Vit2d, ImportReport), ImportError> {
+pub(super) fn load(
+    path: &Path,
+    opts: &ImportOptions,
+) -> Result<(Vit2d, ImportReport), ImportError> {
     let model = infl8_onnx::read_model(path).map_err(|e| match e {
         OnnxError::Io { source, .. } => ImportError::Io {
             path: path.to_path_buf(),
@@ -497,4 +503,92 @@ fn heads_from_graph(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(op: &str, name: &str) -> NodeProto {
+        NodeProto {
+            op_type: op.into(),
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    fn tensor(dims: &[i64]) -> TensorProto {
+        TensorProto {
+            dims: dims.to_vec(),
+            data_type: dt::FLOAT,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn consumers_name_unnamed_tensors() {
+        let q = node(
+            "MatMul",
+            "/backbone/encoder/layer.0/attention/attention/query/MatMul",
+        );
+        assert_eq!(
+            alias_for(&q, 1, &tensor(&[8, 8])),
+            Some((
+                "backbone.encoder.layer.0.attention.attention.query.weight".into(),
+                true
+            ))
+        );
+        // The activation side of a MatMul is not a weight.
+        assert_eq!(alias_for(&q, 0, &tensor(&[8, 8])), None);
+        let ls = node("Mul", "/backbone/encoder/layer.0/layer_scale1/Mul");
+        assert_eq!(
+            alias_for(&ls, 1, &tensor(&[8])).map(|a| a.0),
+            Some("backbone.encoder.layer.0.layer_scale1.lambda1".into())
+        );
+        // A LayerNorm's epsilon is a scalar, not a bias.
+        let eps = node("Add", "/backbone/encoder/layer.0/norm1/Add");
+        assert_eq!(alias_for(&eps, 1, &tensor(&[])), None);
+        // Scope-less node names (not PyTorch's exporter) give nothing.
+        assert_eq!(
+            alias_for(&node("MatMul", "MatMul_3"), 1, &tensor(&[8, 8])),
+            None
+        );
+        let gemm = NodeProto {
+            attribute: vec![infl8_onnx::proto::AttributeProto {
+                name: "transB".into(),
+                i: 1,
+                ..Default::default()
+            }],
+            ..node("Gemm", "/head/Gemm")
+        };
+        assert_eq!(
+            alias_for(&gemm, 1, &tensor(&[4, 8])),
+            Some(("head.weight".into(), false))
+        );
+    }
+
+    #[test]
+    fn transposes_row_major() {
+        // [[1, 2, 3], [4, 5, 6]] -> [[1, 4], [2, 5], [3, 6]]
+        assert_eq!(
+            transposed(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3),
+            [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
+        );
+    }
+
+    #[test]
+    fn eps_is_read_back_as_written() {
+        assert_eq!(round_f32(f64::from(1e-6f32)), 1e-6);
+        assert_eq!(round_f32(f64::from(1e-12f32)), 1e-12);
+        assert_eq!(round_f32(f64::from(1e-5f32)), 1e-5);
+    }
+
+    #[test]
+    fn external_data_is_refused_by_name() {
+        let t = TensorProto {
+            data_location: EXTERNAL,
+            ..tensor(&[2])
+        };
+        assert!(float_values(&t).unwrap_err().contains("external data"));
+    }
 }

@@ -10,7 +10,10 @@ use super::names::{self, Elem, Entries, Entry, Hints};
 use super::{ImportError, ImportOptions, ImportReport, SourceFormat};
 use crate::vit::Vit2d;
 
-pub(super) fn load(path: &Path, opts: &ImportOptions) -> Result<(Vit2d, ImportReport), ImportError> {
+pub(super) fn load(
+    path: &Path,
+    opts: &ImportOptions,
+) -> Result<(Vit2d, ImportReport), ImportError> {
     // The reader's own messages do not name the file.
     std::fs::metadata(path).map_err(|source| ImportError::Io {
         path: path.to_path_buf(),

@@ -10,7 +10,10 @@ use super::names::{self, Elem, Entries, Entry, Hints};
 use super::{ImportError, ImportOptions, ImportReport, SourceFormat, VIT2D_METADATA_KEY};
 use crate::vit::{Vit2d, VitConfig};
 
-pub(super) fn load(path: &Path, opts: &ImportOptions) -> Result<(Vit2d, ImportReport), ImportError> {
+pub(super) fn load(
+    path: &Path,
+    opts: &ImportOptions,
+) -> Result<(Vit2d, ImportReport), ImportError> {
     let bytes = std::fs::read(path).map_err(|source| ImportError::Io {
         path: path.to_path_buf(),
         source,
@@ -140,7 +143,11 @@ pub(super) fn save(path: &Path, vit: &Vit2d) -> Result<(), ImportError> {
         vit.patch_w.shape(),
         &mut vit.patch_w.iter(),
     );
-    put("patch_embed.proj.bias".into(), &[c], &mut vit.patch_b.iter());
+    put(
+        "patch_embed.proj.bias".into(),
+        &[c],
+        &mut vit.patch_b.iter(),
+    );
     if let Some(cls) = &vit.cls {
         put("cls_token".into(), &[1, 1, c], &mut cls.iter());
     }
@@ -155,7 +162,11 @@ pub(super) fn save(path: &Path, vit: &Vit2d) -> Result<(), ImportError> {
         put(n("norm1.bias"), &[c], &mut b.norm1_b.iter());
         put(n("attn.qkv.weight"), b.qkv_w.shape(), &mut b.qkv_w.iter());
         put(n("attn.qkv.bias"), &[3 * c], &mut b.qkv_b.iter());
-        put(n("attn.proj.weight"), b.proj_w.shape(), &mut b.proj_w.iter());
+        put(
+            n("attn.proj.weight"),
+            b.proj_w.shape(),
+            &mut b.proj_w.iter(),
+        );
         put(n("attn.proj.bias"), &[c], &mut b.proj_b.iter());
         if let Some(ls) = &b.ls1 {
             put(n("ls1.gamma"), &[c], &mut ls.iter());

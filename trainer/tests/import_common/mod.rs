@@ -15,7 +15,10 @@ pub struct Lcg(u64);
 
 impl Lcg {
     pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
+        Self(
+            seed.wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407),
+        )
     }
     /// Uniform in [-1, 1).
     pub fn next(&mut self) -> f32 {
@@ -106,8 +109,16 @@ fn push_shaped<D: Dimension>(
 pub fn timm_tensors(vit: &Vit2d, prefix: &str) -> Named {
     let c = vit.config.width;
     let mut t = Named::new();
-    push(&mut t, format!("{prefix}patch_embed.proj.weight"), &vit.patch_w);
-    push(&mut t, format!("{prefix}patch_embed.proj.bias"), &vit.patch_b);
+    push(
+        &mut t,
+        format!("{prefix}patch_embed.proj.weight"),
+        &vit.patch_w,
+    );
+    push(
+        &mut t,
+        format!("{prefix}patch_embed.proj.bias"),
+        &vit.patch_b,
+    );
     if let Some(cls) = &vit.cls {
         push_shaped(&mut t, format!("{prefix}cls_token"), &[1, 1, c], cls);
     }
@@ -149,7 +160,11 @@ pub fn hf_tensors(vit: &Vit2d, prefix: &str, dinov2: bool) -> Named {
     let c = vit.config.width;
     let mut t = Named::new();
     let e = |s: &str| format!("{prefix}embeddings.{s}");
-    push(&mut t, e("patch_embeddings.projection.weight"), &vit.patch_w);
+    push(
+        &mut t,
+        e("patch_embeddings.projection.weight"),
+        &vit.patch_w,
+    );
     push(&mut t, e("patch_embeddings.projection.bias"), &vit.patch_b);
     if let Some(cls) = &vit.cls {
         push_shaped(&mut t, e("cls_token"), &[1, 1, c], cls);
@@ -175,10 +190,17 @@ pub fn hf_tensors(vit: &Vit2d, prefix: &str, dinov2: bool) -> Named {
         push(&mut t, n(&format!("{norm1}.weight")), &b.norm1_w);
         push(&mut t, n(&format!("{norm1}.bias")), &b.norm1_b);
         for (j, part) in ["query", "key", "value"].iter().enumerate() {
-            let w = b.qkv_w.slice(ndarray::s![j * c..(j + 1) * c, ..]).to_owned();
+            let w = b
+                .qkv_w
+                .slice(ndarray::s![j * c..(j + 1) * c, ..])
+                .to_owned();
             let bias = b.qkv_b.slice(ndarray::s![j * c..(j + 1) * c]).to_owned();
             push(&mut t, n(&format!("attention.attention.{part}.weight")), &w);
-            push(&mut t, n(&format!("attention.attention.{part}.bias")), &bias);
+            push(
+                &mut t,
+                n(&format!("attention.attention.{part}.bias")),
+                &bias,
+            );
         }
         push(&mut t, n("attention.output.dense.weight"), &b.proj_w);
         push(&mut t, n("attention.output.dense.bias"), &b.proj_b);
