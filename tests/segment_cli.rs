@@ -108,11 +108,7 @@ fn segments_a_real_mri_on_the_input_grid() {
     assert_eq!(vl.dims(), vin.dims());
     // Logits and labels agree: label 1 where logit 1 > logit 0.
     let mut disagree = 0;
-    for ((i, j, k), &l) in vout
-        .data
-        .index_axis(ndarray::Axis(0), 0)
-        .indexed_iter()
-    {
+    for ((i, j, k), &l) in vout.data.index_axis(ndarray::Axis(0), 0).indexed_iter() {
         let fg = vl.data[[1, i, j, k]] > vl.data[[0, i, j, k]];
         if fg != (l == 1.0) {
             disagree += 1;

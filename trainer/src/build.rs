@@ -3,7 +3,7 @@
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::inflate::{DepthRule, Init, InflateSpec, Vit3dWeights, inflate};
+use crate::inflate::{DepthRule, InflateSpec, Init, Vit3dWeights, inflate};
 use crate::model::{ModelShape, SegConfig, SegModel};
 use crate::vit::Vit2d;
 

@@ -59,8 +59,8 @@ pub fn read_config(path: &Path) -> Result<SegConfig, CheckpointError> {
         .as_ref()
         .and_then(|m| m.get(CONFIG_KEY))
         .ok_or_else(|| format_err(format!("no `{CONFIG_KEY}` metadata")))?;
-    let cfg: SegConfig =
-        serde_json::from_str(json).map_err(|e| format_err(format!("bad model configuration: {e}")))?;
+    let cfg: SegConfig = serde_json::from_str(json)
+        .map_err(|e| format_err(format!("bad model configuration: {e}")))?;
     cfg.validate().map_err(format_err)?;
     Ok(cfg)
 }
@@ -78,10 +78,20 @@ pub fn load(path: &Path, device: &Device) -> Result<SegModel, CheckpointError> {
         .load_from(&mut store)
         .map_err(|e| format_err(e.to_string()))?;
     if !result.missing.is_empty() || !result.errors.is_empty() {
-        let missing: Vec<&str> = result.missing.iter().map(|(p, _)| p.as_str()).take(5).collect();
+        let missing: Vec<&str> = result
+            .missing
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .take(5)
+            .collect();
         return Err(format_err(format!(
             "missing tensors {missing:?}, errors {:?}",
-            result.errors.iter().take(3).map(|e| format!("{e:?}")).collect::<Vec<_>>()
+            result
+                .errors
+                .iter()
+                .take(3)
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>()
         )));
     }
     Ok(model)

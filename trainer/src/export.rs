@@ -58,7 +58,11 @@ struct Writer {
 }
 
 impl Writer {
-    fn param<const D: usize>(&mut self, name: &str, p: &Param<Tensor<D>>) -> Result<String, ExportError> {
+    fn param<const D: usize>(
+        &mut self,
+        name: &str,
+        p: &Param<Tensor<D>>,
+    ) -> Result<String, ExportError> {
         self.tensor(name, &p.val())
     }
 
@@ -95,7 +99,13 @@ impl Writer {
         }
     }
 
-    fn layer_norm(&mut self, name: &str, x: &str, ln: &LayerNorm, eps: f64) -> Result<String, ExportError> {
+    fn layer_norm(
+        &mut self,
+        name: &str,
+        x: &str,
+        ln: &LayerNorm,
+        eps: f64,
+    ) -> Result<String, ExportError> {
         let g = self.param(&format!("{name}.weight"), &ln.gamma)?;
         let mut inputs = vec![x.to_string(), g];
         if let Some(b) = &ln.beta {
@@ -105,7 +115,10 @@ impl Writer {
         Ok(self.op_with(
             "LayerNormalization",
             &refs,
-            vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps as f32))],
+            vec![
+                ("axis", Attr::Int(-1)),
+                ("epsilon", Attr::Float(eps as f32)),
+            ],
         ))
     }
 
@@ -154,8 +167,14 @@ impl Writer {
             "Conv",
             &refs,
             vec![
-                ("kernel_shape", Attr::Ints(c.kernel_size.iter().map(|&k| k as i64).collect())),
-                ("strides", Attr::Ints(c.stride.iter().map(|&k| k as i64).collect())),
+                (
+                    "kernel_shape",
+                    Attr::Ints(c.kernel_size.iter().map(|&k| k as i64).collect()),
+                ),
+                (
+                    "strides",
+                    Attr::Ints(c.stride.iter().map(|&k| k as i64).collect()),
+                ),
                 ("pads", Attr::Ints(pads)),
             ],
         ))
@@ -172,13 +191,24 @@ impl Writer {
             "ConvTranspose",
             &refs,
             vec![
-                ("kernel_shape", Attr::Ints(c.kernel_size.iter().map(|&k| k as i64).collect())),
-                ("strides", Attr::Ints(c.stride.iter().map(|&k| k as i64).collect())),
+                (
+                    "kernel_shape",
+                    Attr::Ints(c.kernel_size.iter().map(|&k| k as i64).collect()),
+                ),
+                (
+                    "strides",
+                    Attr::Ints(c.stride.iter().map(|&k| k as i64).collect()),
+                ),
             ],
         ))
     }
 
-    fn instance_norm(&mut self, name: &str, x: &str, n: &InstanceNorm) -> Result<String, ExportError> {
+    fn instance_norm(
+        &mut self,
+        name: &str,
+        x: &str,
+        n: &InstanceNorm,
+    ) -> Result<String, ExportError> {
         let ch = n.num_channels;
         let device = Device::default();
         let gamma = match &n.gamma {
@@ -198,35 +228,61 @@ impl Writer {
 
     fn conv_block(&mut self, name: &str, x: &str, b: &ConvBlock) -> Result<String, ExportError> {
         let mut y = x.to_string();
-        for (i, (c, n)) in [(&b.conv1, &b.norm1), (&b.conv2, &b.norm2)].into_iter().enumerate() {
+        for (i, (c, n)) in [(&b.conv1, &b.norm1), (&b.conv2, &b.norm2)]
+            .into_iter()
+            .enumerate()
+        {
             let k = i + 1;
             y = self.conv(&format!("{name}.conv{k}"), &y, c)?;
             y = self.instance_norm(&format!("{name}.norm{k}"), &y, n)?;
-            y = self.op_with("LeakyRelu", &[&y], vec![("alpha", Attr::Float(LEAKY_SLOPE as f32))]);
+            y = self.op_with(
+                "LeakyRelu",
+                &[&y],
+                vec![("alpha", Attr::Float(LEAKY_SLOPE as f32))],
+            );
         }
         Ok(y)
     }
 
-    fn block(&mut self, name: &str, x: &str, b: &Block, width: usize, eps: f64) -> Result<String, ExportError> {
+    fn block(
+        &mut self,
+        name: &str,
+        x: &str,
+        b: &Block,
+        width: usize,
+        eps: f64,
+    ) -> Result<String, ExportError> {
         let (c, h) = (width as i64, b.heads as i64);
         let hd = c / h;
         let n1 = self.layer_norm(&format!("{name}.norm1"), x, &b.norm1, eps)?;
         let qkv = self.linear(&format!("{name}.attn.qkv"), &n1, &b.qkv)?;
         let shape = self.ints_once(&format!("const.qkv_shape.{h}"), &[0, 0, 3, h, hd]);
         let qkv = self.op("Reshape", &[&qkv, &shape]);
-        let qkv = self.op_with("Transpose", &[&qkv], vec![("perm", Attr::Ints(vec![2, 0, 3, 1, 4]))]);
+        let qkv = self.op_with(
+            "Transpose",
+            &[&qkv],
+            vec![("perm", Attr::Ints(vec![2, 0, 3, 1, 4]))],
+        );
         let mut qkv_parts = Vec::new();
         for i in 0..3i64 {
             let idx = self.g.weight_i64(&format!("{name}.attn.idx{i}"), &[], &[i]);
             qkv_parts.push(self.op_with("Gather", &[&qkv, &idx], vec![("axis", Attr::Int(0))]));
         }
-        let kt = self.op_with("Transpose", &[&qkv_parts[1]], vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))]);
+        let kt = self.op_with(
+            "Transpose",
+            &[&qkv_parts[1]],
+            vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
+        );
         let s = self.op("MatMul", &[&qkv_parts[0], &kt]);
         let scale = self.scalar(&format!("{name}.attn.scale"), (hd as f32).powf(-0.5));
         let s = self.op("Mul", &[&s, &scale]);
         let a = self.op_with("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
         let o = self.op("MatMul", &[&a, &qkv_parts[2]]);
-        let o = self.op_with("Transpose", &[&o], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
+        let o = self.op_with(
+            "Transpose",
+            &[&o],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
         let shape = self.ints_once(&format!("const.tokens_shape.{c}"), &[0, 0, c]);
         let o = self.op("Reshape", &[&o, &shape]);
         let mut o = self.linear(&format!("{name}.attn.proj"), &o, &b.proj)?;
@@ -278,12 +334,20 @@ pub fn to_onnx(model: &SegModel, manifest: &Manifest) -> Result<ModelProto, Expo
     let p = w.conv("encoder.patch", &x, &enc.patch)?;
     let shape = w.ints("const.patch_tokens", &[0, c, t]);
     let tok = w.op("Reshape", &[&p, &shape]);
-    let mut h = w.op_with("Transpose", &[&tok], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+    let mut h = w.op_with(
+        "Transpose",
+        &[&tok],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    );
     if let Some(cls) = &enc.cls {
         let cls = w.param("encoder.cls_token", cls)?;
         // Broadcast cls to the batch: shape [N, 1, C] from the tokens' shape.
         let sh = w.op("Shape", &[&h]);
-        let (s0, e1, ax) = (w.ints("const.zero", &[0]), w.ints("const.one_i", &[1]), w.ints("const.axis0", &[0]));
+        let (s0, e1, ax) = (
+            w.ints("const.zero", &[0]),
+            w.ints("const.one_i", &[1]),
+            w.ints("const.axis0", &[0]),
+        );
         let nb = w.op("Slice", &[&sh, &s0, &e1, &ax]);
         let rest = w.ints("const.cls_rest", &[1, c]);
         let target = w.op_with("Concat", &[&nb, &rest], vec![("axis", Attr::Int(0))]);
@@ -309,7 +373,11 @@ pub fn to_onnx(model: &SegModel, manifest: &Manifest) -> Result<ModelProto, Expo
                 w.ints(&format!("tap{i}.axis"), &[1]),
             );
             let z = w.op("Slice", &[&z, &st, &en, &ax]);
-            let z = w.op_with("Transpose", &[&z], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+            let z = w.op_with(
+                "Transpose",
+                &[&z],
+                vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+            );
             let shape = w.ints(&format!("tap{i}.shape"), &[0, c, td, gh, gw]);
             taps.push(w.op("Reshape", &[&z, &shape]));
         }
@@ -322,7 +390,13 @@ pub fn to_onnx(model: &SegModel, manifest: &Manifest) -> Result<ModelProto, Expo
             let [h_, w_] = cfg.roi_hw();
             let shape = w.ints(
                 "const.slab_skip",
-                &[0, (cfg.in_channels() * depth) as i64, 1, h_ as i64, w_ as i64],
+                &[
+                    0,
+                    (cfg.in_channels() * depth) as i64,
+                    1,
+                    h_ as i64,
+                    w_ as i64,
+                ],
             );
             w.op("Reshape", &[&x, &shape])
         }
@@ -427,7 +501,8 @@ pub fn verify(model: &SegModel, onnx: &ModelProto, seed: u64) -> Result<f32, Exp
 pub fn export(model: &SegModel, manifest: &Manifest, path: &Path) -> Result<f32, ExportError> {
     let onnx = to_onnx(model, manifest)?;
     let diff = verify(model, &onnx, 17)?;
-    if !(diff <= VERIFY_LIMIT) {
+    // NaN fails too.
+    if diff.is_nan() || diff > VERIFY_LIMIT {
         return Err(ExportError::Mismatch {
             diff,
             limit: VERIFY_LIMIT,

@@ -141,7 +141,9 @@ pub fn inflate(v: &Vit2d, spec: &InflateSpec) -> Result<Vit3dWeights, InflateErr
         ));
     }
     if spec.grid[0] == 0 || spec.grid[1] == 0 {
-        return Err(InflateError::Spec("the token grid must not be empty".into()));
+        return Err(InflateError::Spec(
+            "the token grid must not be empty".into(),
+        ));
     }
     let keep = spec.blocks.unwrap_or(cfg.depth);
     if keep == 0 || keep > cfg.depth {
@@ -171,11 +173,7 @@ pub fn inflate(v: &Vit2d, spec: &InflateSpec) -> Result<Vit3dWeights, InflateErr
     }
 
     let n_cls = usize::from(cfg.cls_token);
-    let grid2d = resize_grid(
-        v.pos.slice(s![n_cls.., ..]).to_owned(),
-        cfg.grid,
-        spec.grid,
-    );
+    let grid2d = resize_grid(v.pos.slice(s![n_cls.., ..]).to_owned(), cfg.grid, spec.grid);
     let tokens = spec.depth_tokens * spec.grid[0] * spec.grid[1];
     let mut pos = Array2::<f32>::zeros((n_cls + tokens, c));
     if n_cls == 1 {
@@ -224,8 +222,7 @@ pub fn resize_grid(grid: Array2<f32>, from: [usize; 2], to: [usize; 2]) -> Array
                     acc.zip_mut_with(&src, |a, &b| *a += w * f64::from(b));
                 }
             }
-            out.row_mut(oy * to[1] + ox)
-                .assign(&acc.mapv(|x| x as f32));
+            out.row_mut(oy * to[1] + ox).assign(&acc.mapv(|x| x as f32));
         }
     }
     out
@@ -323,8 +320,18 @@ mod tests {
         let grey = v.patch_w.sum_axis(Axis(1));
         for ci in 0..2 {
             assert_eq!(w.patch_w.slice(s![.., ci, 1, .., ..]), &grey / 2.0);
-            assert!(w.patch_w.slice(s![.., ci, 0, .., ..]).iter().all(|&x| x == 0.0));
-            assert!(w.patch_w.slice(s![.., ci, 2, .., ..]).iter().all(|&x| x == 0.0));
+            assert!(
+                w.patch_w
+                    .slice(s![.., ci, 0, .., ..])
+                    .iter()
+                    .all(|&x| x == 0.0)
+            );
+            assert!(
+                w.patch_w
+                    .slice(s![.., ci, 2, .., ..])
+                    .iter()
+                    .all(|&x| x == 0.0)
+            );
         }
         assert_eq!(w.blocks.len(), 1);
         assert_eq!(w.config.depth, 1);
@@ -361,8 +368,8 @@ mod tests {
         let grid = Array2::from_shape_fn((16, 1), |(i, _)| (i * i) as f32);
         let down = resize_grid(grid.clone(), [4, 4], [3, 3]);
         let expect_down = [
-            1.681_723, 5.101_851, 12.697_905, 35.605_324, 54.125, 76.820_6, 136.343_73,
-            169.962_95, 207.758_1,
+            1.681_723, 5.101_851, 12.697_905, 35.605_324, 54.125, 76.820_6, 136.343_73, 169.962_95,
+            207.758_1,
         ];
         let up = resize_grid(grid, [4, 4], [5, 6]);
         let expect_up = [
@@ -378,6 +385,16 @@ mod tests {
     }
 
     #[test]
+    fn bicubic_matches_torch_downsample_with_clamped_taps() {
+        // F.interpolate(torch.arange(4.)[None, None, None], size=(1, 2),
+        // mode="bicubic", align_corners=False) = [0.40625, 2.59375].
+        let grid = Array2::from_shape_fn((4, 1), |(i, _)| i as f32);
+        let out = resize_grid(grid, [1, 4], [1, 2]);
+        assert!((out[[0, 0]] - 0.406_25).abs() < 1e-6, "{out}");
+        assert!((out[[1, 0]] - 2.593_75).abs() < 1e-6, "{out}");
+    }
+
+    #[test]
     fn bicubic_keeps_constants_and_identity() {
         let grid = Array2::from_elem((9, 2), 3.0f32);
         let out = resize_grid(grid.clone(), [3, 3], [5, 4]);
@@ -390,7 +407,12 @@ mod tests {
         let v = tiny();
         let mut s = spec(DepthRule::Centering);
         s.blocks = Some(3);
-        assert!(inflate(&v, &s).unwrap_err().to_string().contains("3 blocks"));
+        assert!(
+            inflate(&v, &s)
+                .unwrap_err()
+                .to_string()
+                .contains("3 blocks")
+        );
         s.blocks = None;
         s.in_channels = 0;
         assert!(inflate(&v, &s).is_err());

@@ -9,19 +9,23 @@ use burn::tensor::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use infl8_core::preprocess::{Normalization, PreprocessSpec};
 use infl8_trainer::build::{BuildOptions, build};
+use infl8_trainer::checkpoint;
 use infl8_trainer::export::{RuntimeSpec, export, manifest_for};
 use infl8_trainer::import::{ImportOptions, load_vit2d_with, save_vit2d};
 use infl8_trainer::inflate::Init;
 use infl8_trainer::model::ModelShape;
-use infl8_trainer::checkpoint;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "infl8-train", version, about = "Inflate pretrained 2D ViTs into 3D segmentation models")]
+#[command(
+    name = "infl8-train",
+    version,
+    about = "Inflate pretrained 2D ViTs into 3D segmentation models"
+)]
 struct Cli {
-    /// burn device: flex (pure-Rust CPU, default) or ndarray (when built
-    /// with the `ndarray-backend` feature).
+    /// burn device: flex (pure-Rust CPU, default), or ndarray, cuda, wgpu
+    /// when built with the `ndarray-backend`, `cuda`, `wgpu` features.
     #[arg(long, global = true, default_value = "flex")]
     device: String,
     #[command(subcommand)]
@@ -153,10 +157,27 @@ fn device(name: &str) -> Result<Device> {
         "flex" => Ok(Device::flex()),
         #[cfg(feature = "ndarray-backend")]
         "ndarray" => Ok(Device::ndarray()),
-        other => bail!(
-            "unknown or not compiled-in burn device `{other}` (flex{})",
-            if cfg!(feature = "ndarray-backend") { ", ndarray" } else { "" }
-        ),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Device::cuda(0)),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        other => {
+            let mut known = vec!["flex"];
+            if cfg!(feature = "ndarray-backend") {
+                known.push("ndarray");
+            }
+            if cfg!(feature = "cuda") {
+                known.push("cuda");
+            }
+            if cfg!(feature = "wgpu") {
+                known.push("wgpu");
+            }
+            bail!(
+                "burn device `{other}` is not compiled in (available: {}); \
+                 build with `--features ndarray-backend`, `cuda` or `wgpu` for the others",
+                known.join(", ")
+            )
+        }
     }
 }
 

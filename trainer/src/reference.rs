@@ -235,38 +235,6 @@ pub fn forward_tokens(vit: &Vit2d, image: ArrayView3<f32>) -> Result<Array2<f32>
     ))
 }
 
-/// Keys' cubic convolution kernel with PyTorch's a = -0.75.
-fn cubic(x: f64) -> f64 {
-    const A: f64 = -0.75;
-    let x = x.abs();
-    if x <= 1.0 {
-        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
-    } else {
-        0.0
-    }
-}
-
-/// `[out, in]` interpolation matrix of one axis: bicubic, half-pixel
-/// centres, taps clamped at the border, as `F.interpolate(mode="bicubic",
-/// size=..., align_corners=False)` and ONNX `Resize(cubic, half_pixel)`.
-fn cubic_matrix(len_in: usize, len_out: usize) -> Array2<f64> {
-    let mut m = Array2::zeros((len_out, len_in));
-    let scale = len_in as f64 / len_out as f64;
-    for o in 0..len_out {
-        let x = (o as f64 + 0.5) * scale - 0.5;
-        let x0 = x.floor();
-        let t = x - x0;
-        let coeffs = [cubic(t + 1.0), cubic(t), cubic(1.0 - t), cubic(2.0 - t)];
-        for (k, coeff) in coeffs.iter().enumerate() {
-            let idx = (x0 as isize - 1 + k as isize).clamp(0, len_in as isize - 1) as usize;
-            m[[o, idx]] += coeff;
-        }
-    }
-    m
-}
-
 /// A copy of `vit` whose position table is resampled to `grid`, the way HF
 /// `Dinov2Model`/`ViTModel` do for other input sizes (bicubic to an exact
 /// size, cls entry untouched). The original DINOv2 repository's
@@ -282,33 +250,17 @@ pub fn resize_pos_embed(vit: &Vit2d, grid: [usize; 2]) -> Result<Vit2d, Referenc
             grid[0], grid[1]
         )));
     }
-    let cfg = &vit.config;
-    let c = cfg.width;
-    let skip = usize::from(cfg.cls_token);
-    let [gr, gc] = cfg.grid;
-    let rows = cubic_matrix(gr, grid[0]);
-    let cols = cubic_matrix(gc, grid[1]);
-    let table = vit.pos.slice(s![skip.., ..]).mapv(f64::from);
-    let mut out = Array2::<f32>::zeros((skip + grid[0] * grid[1], c));
+    let skip = usize::from(vit.config.cls_token);
+    let table = crate::inflate::resize_grid(
+        vit.pos.slice(s![skip.., ..]).to_owned(),
+        vit.config.grid,
+        grid,
+    );
+    let mut out = Array2::<f32>::zeros((skip + grid[0] * grid[1], vit.config.width));
     if skip == 1 {
         out.row_mut(0).assign(&vit.pos.row(0));
     }
-    // Separable: rows first ([gr, gc*C] -> [R, gc*C]), then columns.
-    let table = table
-        .into_shape_with_order((gr, gc * c))
-        .map_err(|e| ReferenceError::Invalid(e.to_string()))?;
-    let by_rows = rows.dot(&table); // [R, gc*C]
-    for r in 0..grid[0] {
-        let row = by_rows
-            .row(r)
-            .into_shape_with_order((gc, c))
-            .map_err(|e| ReferenceError::Invalid(e.to_string()))?;
-        let resized = cols.dot(&row); // [Cc, C]
-        for (j, v) in resized.outer_iter().enumerate() {
-            out.row_mut(skip + r * grid[1] + j)
-                .assign(&v.mapv(|x| x as f32));
-        }
-    }
+    out.slice_mut(s![skip.., ..]).assign(&table);
     let mut resized = vit.clone();
     resized.config.grid = grid;
     resized.pos = out;
@@ -441,26 +393,5 @@ mod tests {
         // x * Phi(x) at x = 1 and -1.
         assert!((gelu(1.0) - 0.841_344_8).abs() < 1e-6);
         assert!((gelu(-1.0) + 0.158_655_3).abs() < 1e-6);
-    }
-
-    #[test]
-    fn cubic_matrix_identity_and_partition_of_unity() {
-        let id = cubic_matrix(5, 5);
-        assert_eq!(id, Array2::<f64>::eye(5));
-        let m = cubic_matrix(37, 16);
-        for row in m.outer_iter() {
-            assert!((row.sum() - 1.0).abs() < 1e-12);
-        }
-    }
-
-    #[test]
-    fn cubic_matrix_matches_torch_bicubic_downsample() {
-        // torch.nn.functional.interpolate(torch.arange(4.)[None, None, None],
-        // size=(1, 2), mode="bicubic", align_corners=False)[0, 0, 0]
-        // = [0.40625, 2.59375]: x = 0.5 and 2.5, the last tap clamped.
-        let m = cubic_matrix(4, 2);
-        let v = m.dot(&ndarray::arr1(&[0.0, 1.0, 2.0, 3.0]));
-        assert!((v[0] - 0.406_25).abs() < 1e-9, "{v}");
-        assert!((v[1] - 2.593_75).abs() < 1e-9, "{v}");
     }
 }

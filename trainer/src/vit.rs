@@ -86,7 +86,9 @@ impl Vit2d {
     /// A ViT with deterministic pseudo-random weights (`seed`), for tests and
     /// examples that need a real, non-trivial network without a download.
     pub fn random(config: VitConfig, seed: u64) -> Vit2d {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut next = move |scale: f32| {
             state = state
                 .wrapping_mul(6364136223846793005)
@@ -99,7 +101,8 @@ impl Vit2d {
         let p = config.patch;
         let mut v1 = |n: usize, s: f32| Array1::from_shape_simple_fn(n, || next(s));
         let b = |v1: &mut dyn FnMut(usize, f32) -> Array1<f32>, r: usize, k: usize, s: f32| {
-            Array2::from_shape_vec((r, k), v1(r * k, s).to_vec()).unwrap_or_else(|_| Array2::zeros((r, k)))
+            Array2::from_shape_vec((r, k), v1(r * k, s).to_vec())
+                .unwrap_or_else(|_| Array2::zeros((r, k)))
         };
         let tokens = usize::from(config.cls_token) + config.grid[0] * config.grid[1];
         let blocks = (0..config.depth)

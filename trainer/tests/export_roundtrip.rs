@@ -74,7 +74,11 @@ fn output(m: &SegModel, device: &Device) -> Vec<f32> {
         TensorData::new(data, <[usize; 5]>::try_from(shape).unwrap()),
         device,
     );
-    m.forward(x).into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+    m.forward(x)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use infl8_trainer::build::{BuildOptions, build};
-use infl8_trainer::inflate::{DepthRule, Init, InflateSpec, Vit3dWeights, inflate};
+use infl8_trainer::inflate::{DepthRule, InflateSpec, Init, Vit3dWeights, inflate};
 use infl8_trainer::model::{Encoder, ModelShape};
 use infl8_trainer::vit::{Vit2d, VitConfig};
 
@@ -57,7 +57,10 @@ fn inflated(v: &Vit2d, rule: DepthRule, cin: usize, dp: usize, device: &Device) 
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -46,7 +46,10 @@ fn burn_encoder_reproduces_the_dinov2_backbone() {
     let device = Device::default();
     let enc = Encoder::from_weights(&Vit3dWeights::exact_2d(&vit), &device);
     let x = Tensor::<5>::from_data(
-        TensorData::new(image.iter().copied().collect::<Vec<f32>>(), [1, 3, 1, 224, 224]),
+        TensorData::new(
+            image.iter().copied().collect::<Vec<f32>>(),
+            [1, 3, 1, 224, 224],
+        ),
         &device,
     );
     let got = enc

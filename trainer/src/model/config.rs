@@ -15,7 +15,10 @@ pub enum ModelShape {
     Slab { depth: usize },
     /// 3D tiles of `tile_depth` slices, patches of `patch_depth` slices; the
     /// model predicts the whole tile.
-    Volumetric { tile_depth: usize, patch_depth: usize },
+    Volumetric {
+        tile_depth: usize,
+        patch_depth: usize,
+    },
 }
 
 impl ModelShape {
@@ -116,7 +119,7 @@ impl SegConfig {
     /// Checks the numbers fit together; the message says which do not.
     pub fn validate(&self) -> Result<(), String> {
         let v = &self.vit;
-        if v.depth == 0 || v.width == 0 || v.heads == 0 || v.width % v.heads != 0 {
+        if v.depth == 0 || v.width == 0 || v.heads == 0 || !v.width.is_multiple_of(v.heads) {
             return Err(format!(
                 "width {} must be a positive multiple of heads {}",
                 v.width, v.heads
@@ -129,13 +132,13 @@ impl SegConfig {
             return Err("decoder features must be positive".into());
         }
         match self.shape {
-            ModelShape::Slab { depth } if depth == 0 => {
+            ModelShape::Slab { depth: 0 } => {
                 return Err("slab depth must be at least 1".into());
             }
             ModelShape::Volumetric {
                 tile_depth,
                 patch_depth,
-            } if patch_depth == 0 || tile_depth == 0 || tile_depth % patch_depth != 0 => {
+            } if patch_depth == 0 || tile_depth == 0 || !tile_depth.is_multiple_of(patch_depth) => {
                 return Err(format!(
                     "tile depth {tile_depth} must be a positive multiple of patch depth {patch_depth}"
                 ));
@@ -186,7 +189,7 @@ pub fn default_factors(patch: usize) -> Vec<usize> {
     let mut n = patch;
     let mut p = 2;
     while n > 1 {
-        while n % p == 0 {
+        while n.is_multiple_of(p) {
             f.push(p);
             n /= p;
         }
@@ -220,24 +223,6 @@ pub fn default_taps(kept: usize, levels: usize) -> Vec<usize> {
     let mut taps: Vec<usize> = (1..=levels).map(|i| (i * kept).div_ceil(levels)).collect();
     taps.dedup();
     taps
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn factors() {
-        assert_eq!(default_factors(16), vec![2, 2, 2, 2]);
-        assert_eq!(default_factors(14), vec![7, 2]);
-        assert_eq!(depth_factors(4, 2), vec![2, 2]);
-        assert_eq!(depth_factors(2, 2), vec![1, 2]);
-        assert_eq!(depth_factors(1, 3), vec![1, 1, 1]);
-        assert_eq!(depth_factors(8, 2), vec![2, 4]);
-        assert_eq!(default_taps(12, 4), vec![3, 6, 9, 12]);
-        assert_eq!(default_taps(4, 2), vec![2, 4]);
-        assert_eq!(default_taps(1, 2), vec![1]);
-    }
 }
 
 impl SegConfig {
@@ -276,5 +261,23 @@ impl SegConfig {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn factors() {
+        assert_eq!(default_factors(16), vec![2, 2, 2, 2]);
+        assert_eq!(default_factors(14), vec![7, 2]);
+        assert_eq!(depth_factors(4, 2), vec![2, 2]);
+        assert_eq!(depth_factors(2, 2), vec![1, 2]);
+        assert_eq!(depth_factors(1, 3), vec![1, 1, 1]);
+        assert_eq!(depth_factors(8, 2), vec![2, 4]);
+        assert_eq!(default_taps(12, 4), vec![3, 6, 9, 12]);
+        assert_eq!(default_taps(4, 2), vec![2, 4]);
+        assert_eq!(default_taps(1, 2), vec![1]);
     }
 }

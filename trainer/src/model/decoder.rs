@@ -35,7 +35,11 @@ impl ConvBlock {
                 .with_padding(PaddingConfig3d::Explicit(depth_kernel / 2, 1, 1))
                 .init(device)
         };
-        let norm = |c| InstanceNormConfig::new(c).with_epsilon(NORM_EPS).init(device);
+        let norm = |c| {
+            InstanceNormConfig::new(c)
+                .with_epsilon(NORM_EPS)
+                .init(device)
+        };
         ConvBlock {
             conv1: conv(cin, cout),
             norm1: norm(cout),
@@ -166,7 +170,9 @@ impl Decoder {
             } else {
                 self.input_block.forward(input.clone())
             };
-            x = level.block.forward(Tensor::cat(vec![level.up.forward(x), skip], 1));
+            x = level
+                .block
+                .forward(Tensor::cat(vec![level.up.forward(x), skip], 1));
         }
         self.head.forward(x)
     }

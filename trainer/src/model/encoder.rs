@@ -25,7 +25,11 @@ pub(crate) fn tensor<const D: usize, Dm: Dimension>(
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 
-fn linear_from(w_out_in: &ndarray::Array2<f32>, b: &ndarray::Array1<f32>, device: &Device) -> Linear {
+fn linear_from(
+    w_out_in: &ndarray::Array2<f32>,
+    b: &ndarray::Array1<f32>,
+    device: &Device,
+) -> Linear {
     Linear {
         weight: Param::from_tensor(tensor(&w_out_in.t().to_owned(), device)),
         bias: Some(Param::from_tensor(tensor(b, device))),
@@ -195,7 +199,12 @@ impl Encoder {
     }
 
     /// Same architecture, random weights (the `scratch` ablation).
-    pub fn random(cfg: &VitConfig, patch_depth: usize, depth_tokens: usize, device: &Device) -> Encoder {
+    pub fn random(
+        cfg: &VitConfig,
+        patch_depth: usize,
+        depth_tokens: usize,
+        device: &Device,
+    ) -> Encoder {
         let c = cfg.width;
         let n_cls = usize::from(cfg.cls_token);
         let tokens = n_cls + depth_tokens * cfg.grid[0] * cfg.grid[1];
@@ -205,9 +214,7 @@ impl Encoder {
         };
         Encoder {
             patch: Self::patch_conv(cfg, patch_depth, device),
-            cls: cfg
-                .cls_token
-                .then(|| normal.init([1, 1, c], device)),
+            cls: cfg.cls_token.then(|| normal.init([1, 1, c], device)),
             pos: normal.init([1, tokens, c], device),
             blocks: (0..cfg.depth).map(|_| Block::random(cfg, device)).collect(),
             norm: LayerNormConfig::new(c).with_epsilon(cfg.eps).init(device),
