@@ -11,6 +11,7 @@ use infl8_core::inference::{BlendMode, SlidingWindow};
 use infl8_core::manifest::{self, InferenceMode, Manifest};
 use infl8_core::plugin::PluginHost;
 use infl8_core::preprocess::{Normalization, PreprocessSpec};
+use infl8_core::preview::{self, PreviewOptions};
 use infl8_core::segment::{SegmentReport, Segmenter};
 use infl8_core::{Backend, LoadOptions};
 use tracing::{error, info, warn};
@@ -58,8 +59,35 @@ fn is_nifti(p: &Path) -> bool {
     (name.ends_with(".nii") || name.ends_with(".nii.gz")) && !name.starts_with('.')
 }
 
-/// (input, output, logits) triples for a file or a folder.
-fn jobs(a: &SegmentArgs) -> Result<Vec<(PathBuf, PathBuf, Option<PathBuf>)>> {
+/// One volume to segment and where its results go.
+struct Job {
+    input: PathBuf,
+    output: PathBuf,
+    logits: Option<PathBuf>,
+    preview: Option<PathBuf>,
+}
+
+/// `name.nii.gz` / `name.nii` -> `name.png`.
+fn preview_name(input_name: &std::ffi::OsStr) -> String {
+    let name = input_name.to_string_lossy();
+    let b = name.as_bytes();
+    let has = |suffix: &str| {
+        b.len() >= suffix.len()
+            && b[b.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+    };
+    // The suffixes are ASCII, so cutting them off stays on a char boundary.
+    let stem = if has(".nii.gz") {
+        &name[..name.len() - 7]
+    } else if has(".nii") {
+        &name[..name.len() - 4]
+    } else {
+        &name
+    };
+    format!("{stem}.png")
+}
+
+/// The jobs for a file or a folder.
+fn jobs(a: &SegmentArgs) -> Result<Vec<Job>> {
     if !a.input.is_dir() {
         if !a.input.exists() {
             bail!("input {} does not exist", a.input.display());
@@ -70,23 +98,37 @@ fn jobs(a: &SegmentArgs) -> Result<Vec<(PathBuf, PathBuf, Option<PathBuf>)>> {
                 a.output.display()
             );
         }
-        for p in std::iter::once(&a.output).chain(a.save_logits.as_ref()) {
+        if let Some(p) = a.preview.as_ref().filter(|p| p.is_dir()) {
+            bail!(
+                "preview {} is a folder but the input is a file: give a .png file name",
+                p.display()
+            );
+        }
+        for p in std::iter::once(&a.output)
+            .chain(a.save_logits.as_ref())
+            .chain(a.preview.as_ref())
+        {
             if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent)
                     .with_context(|| format!("cannot create folder {}", parent.display()))?;
             }
         }
-        return Ok(vec![(
-            a.input.clone(),
-            a.output.clone(),
-            a.save_logits.clone(),
-        )]);
+        return Ok(vec![Job {
+            input: a.input.clone(),
+            output: a.output.clone(),
+            logits: a.save_logits.clone(),
+            preview: a.preview.clone(),
+        }]);
     }
     std::fs::create_dir_all(&a.output)
         .with_context(|| format!("cannot create output folder {}", a.output.display()))?;
     if let Some(l) = &a.save_logits {
         std::fs::create_dir_all(l)
             .with_context(|| format!("cannot create logits folder {}", l.display()))?;
+    }
+    if let Some(p) = &a.preview {
+        std::fs::create_dir_all(p)
+            .with_context(|| format!("cannot create preview folder {}", p.display()))?;
     }
     let mut inputs: Vec<PathBuf> = std::fs::read_dir(&a.input)
         .with_context(|| format!("cannot list {}", a.input.display()))?
@@ -97,15 +139,34 @@ fn jobs(a: &SegmentArgs) -> Result<Vec<(PathBuf, PathBuf, Option<PathBuf>)>> {
     if inputs.is_empty() {
         bail!("no .nii or .nii.gz files in {}", a.input.display());
     }
-    Ok(inputs
+    let jobs: Vec<Job> = inputs
         .into_iter()
         .filter_map(|p| {
             let name = p.file_name()?.to_owned();
-            let out = a.output.join(&name);
-            let logits = a.save_logits.as_ref().map(|d| d.join(&name));
-            Some((p, out, logits))
+            Some(Job {
+                output: a.output.join(&name),
+                logits: a.save_logits.as_ref().map(|d| d.join(&name)),
+                preview: a.preview.as_ref().map(|d| d.join(preview_name(&name))),
+                input: p,
+            })
         })
-        .collect())
+        .collect();
+    // `x.nii` and `x.nii.gz` would both preview as `x.png`: refuse rather
+    // than let one silently replace the other.
+    let mut seen = std::collections::HashMap::new();
+    for j in &jobs {
+        if let Some(p) = &j.preview
+            && let Some(other) = seen.insert(p, &j.input)
+        {
+            bail!(
+                "{} and {} would both write the preview {}",
+                other.display(),
+                j.input.display(),
+                p.display()
+            );
+        }
+    }
+    Ok(jobs)
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -118,9 +179,17 @@ fn same_file(a: &Path, b: &Path) -> bool {
 pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
     let settings = settings_for(&a.runtime, &a.layer())?;
     let jobs = jobs(&a)?;
-    for (input, output, _) in &jobs {
-        if same_file(input, output) {
-            bail!("output {} would overwrite the input", output.display());
+    for j in &jobs {
+        if same_file(&j.input, &j.output) {
+            bail!("output {} would overwrite the input", j.output.display());
+        }
+        if let Some(p) = &j.preview {
+            if same_file(&j.input, p) {
+                bail!("preview {} would overwrite the input", p.display());
+            }
+            if p == &j.output || same_file(&j.output, p) {
+                bail!("preview {} would overwrite the segmentation", p.display());
+            }
         }
     }
     let backend = backend(&settings)?;
@@ -146,8 +215,12 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
     let limits = settings.limits.read_limits();
     let mut reports: Vec<SegmentReport> = Vec::new();
     let mut failures = 0usize;
+    let mut preview_failures = 0usize;
+    // With a single input the failure becomes the command's error, after
+    // the report is written.
+    let mut single_preview_error = None;
     let n = jobs.len();
-    for (i, (input, output, logits)) in jobs.iter().enumerate() {
+    for (i, job) in jobs.iter().enumerate() {
         let bar = ProgressBar::new(0);
         bar.set_style(
             ProgressStyle::with_template(
@@ -160,13 +233,26 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
             "[{}/{}] {}",
             i + 1,
             n,
-            input.file_name().unwrap_or_default().to_string_lossy()
+            job.input.file_name().unwrap_or_default().to_string_lossy()
         ));
         let progress = |done: u64, total: u64| {
             bar.set_length(total);
             bar.set_position(done);
         };
-        let result = segmenter.segment_file(input, output, logits.as_deref(), &limits, &progress);
+        let mut preview_result = None;
+        let result = segmenter.segment_file_with(
+            &job.input,
+            &job.output,
+            job.logits.as_deref(),
+            &limits,
+            &progress,
+            |vol, labels| {
+                if let Some(path) = &job.preview {
+                    let opts = PreviewOptions::default();
+                    preview_result = Some(preview::write_preview_png(path, vol, labels, &opts));
+                }
+            },
+        );
         bar.finish_and_clear();
         match result {
             Ok(r) => {
@@ -181,6 +267,22 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
                     label_voxels = ?r.label_voxels,
                     "segmented"
                 );
+                match (preview_result, &job.preview) {
+                    (Some(Ok(())), Some(p)) => info!(preview = %p.display(), "preview written"),
+                    (Some(Err(e)), _) => {
+                        preview_failures += 1;
+                        let msg = format!(
+                            "preview failed (the segmentation {} was written): {e}",
+                            r.output.display()
+                        );
+                        if n == 1 {
+                            single_preview_error = Some(msg);
+                        } else {
+                            error!("{msg}");
+                        }
+                    }
+                    _ => {}
+                }
                 reports.push(r);
             }
             Err(e) => {
@@ -196,8 +298,19 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
         let json = serde_json::to_string_pretty(&reports)?;
         write_atomic(path, json.as_bytes())?;
     }
+    if let Some(msg) = single_preview_error {
+        bail!(msg);
+    }
     if failures > 0 {
         eprintln!("{failures} of {n} volumes failed (see the errors above)");
+    }
+    if preview_failures > 0 {
+        eprintln!(
+            "{preview_failures} of {n} previews failed; their segmentations were written \
+             (see the errors above)"
+        );
+    }
+    if failures > 0 || preview_failures > 0 {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

@@ -83,6 +83,11 @@ pub struct SegmentArgs {
     /// Write a per-volume JSON report (timings, windows, label volumes).
     #[arg(long, value_name = "PATH")]
     pub report: Option<PathBuf>,
+    /// Also write a PNG preview: axial, coronal and sagittal views through
+    /// the mask with the labels overlaid. A folder when the input is one
+    /// (one <name>.png per input).
+    #[arg(long, value_name = "OUT.png|DIR")]
+    pub preview: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

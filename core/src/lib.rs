@@ -7,11 +7,13 @@
 
 pub mod backend;
 pub mod config;
+pub mod dataset;
 pub mod inference;
 pub mod manifest;
 pub mod nifti_io;
 pub mod plugin;
 pub mod preprocess;
+pub mod preview;
 pub mod segment;
 pub mod volume;
 

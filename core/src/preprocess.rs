@@ -21,9 +21,11 @@ pub enum PreprocessError {
     Spec(String),
     #[error("cannot preprocess this volume: {0}")]
     Input(String),
-    #[error("{what} have shape {got:?}, expected {expected:?} (the preprocessed grid)")]
+    #[error("{what} have shape {got:?}, expected {expected:?} ({grid})")]
     Shape {
         what: &'static str,
+        /// Which grid `expected` describes.
+        grid: &'static str,
         expected: Vec<usize>,
         got: Vec<usize>,
     },
@@ -303,15 +305,26 @@ impl Resampling {
         T: Copy + Default + Send + Sync,
         F: Fn(T, T, f32) -> T + Sync,
     {
-        let (from, to, what) = match dir {
-            Direction::Forward => (self.src_dims, self.dst_dims, "resampling input"),
-            Direction::Inverse => (self.dst_dims, self.src_dims, "resampling inverse input"),
+        let (from, to, what, grid) = match dir {
+            Direction::Forward => (
+                self.src_dims,
+                self.dst_dims,
+                "resampling input",
+                "the grid before resampling",
+            ),
+            Direction::Inverse => (
+                self.dst_dims,
+                self.src_dims,
+                "resampling inverse input",
+                "the resampled grid",
+            ),
         };
         if data.shape()[1..] != from {
             let mut expected = vec![data.shape()[0]];
             expected.extend_from_slice(&from);
             return Err(PreprocessError::Shape {
                 what,
+                grid,
                 expected,
                 got: data.shape().to_vec(),
             });
@@ -531,6 +544,7 @@ impl Inverse {
         if labels.shape() != self.model_dims {
             return Err(PreprocessError::Shape {
                 what: "labels",
+                grid: "the preprocessed grid",
                 expected: self.model_dims.to_vec(),
                 got: labels.shape().to_vec(),
             });
@@ -549,6 +563,7 @@ impl Inverse {
             expected.extend_from_slice(&self.model_dims);
             return Err(PreprocessError::Shape {
                 what: "logits",
+                grid: "the preprocessed grid",
                 expected,
                 got: sh.to_vec(),
             });
@@ -641,18 +656,20 @@ pub fn preprocess(
     } else {
         Reorientation::identity(dims)
     };
-    let oriented = reorientation.apply_view(vol.data.view());
     let affine = reorientation.apply_affine(&vol.affine);
-    let oriented_dims = reorientation.dst_dims();
-
     let resampling = match spec.target_spacing {
-        Some(t) => Resampling::new(spacing_of(&affine), t, oriented_dims)?,
+        Some(t) => Resampling::new(spacing_of(&affine), t, reorientation.dst_dims())?,
         None => None,
     };
-    // One copy at most: the resampler reads the reoriented view directly.
-    let (mut data, affine) = match &resampling {
-        Some(r) => (r.forward_linear(oriented)?, r.apply_affine(&affine)),
-        None => (oriented.as_standard_layout().into_owned(), affine),
+    let mut data = to_model_grid(
+        vol.data.view(),
+        &reorientation,
+        resampling.as_ref(),
+        |r, v| r.forward_linear(v),
+    )?;
+    let affine = match &resampling {
+        Some(r) => r.apply_affine(&affine),
+        None => affine,
     };
 
     for mut channel in data.axis_iter_mut(Axis(0)) {
@@ -671,6 +688,58 @@ pub fn preprocess(
         model_dims,
     };
     Ok((Volume::new(data, affine), inverse))
+}
+
+/// Labels `[X, Y, Z]` on the grid of the volume that [`preprocess`] turned
+/// into `inverse`, carried onto the model grid by the very reorientation
+/// and resampling recorded there: nearest neighbour (labels are
+/// categories, not intensities) and never normalised.
+///
+/// Replaying the recorded geometry, rather than deriving it again from the
+/// label file's own header, guarantees the labels land on the image's grid
+/// voxel for voxel even where the two headers differ by round-off; the
+/// caller is responsible for checking that the label was stored on the
+/// image's grid in the first place.
+pub fn preprocess_labels(
+    labels: ArrayView3<u8>,
+    inverse: &Inverse,
+) -> Result<Array3<u8>, PreprocessError> {
+    if labels.shape() != inverse.original_dims {
+        return Err(PreprocessError::Shape {
+            what: "labels",
+            grid: "the grid of the image before preprocessing",
+            expected: inverse.original_dims.to_vec(),
+            got: labels.shape().to_vec(),
+        });
+    }
+    let out = to_model_grid(
+        labels.insert_axis(Axis(0)),
+        &inverse.reorientation,
+        inverse.resampling.as_ref(),
+        |r, v| r.forward_nearest(v),
+    )?;
+    Ok(out.index_axis_move(Axis(0), 0))
+}
+
+/// `[C, X, Y, Z]` data on the input grid onto the model grid. Images and
+/// labels share this one path (differing only in the interpolation), so a
+/// change to the geometry cannot misalign them. At most one copy is made:
+/// the resampler reads the reoriented view directly.
+fn to_model_grid<T, F>(
+    data: ArrayView4<T>,
+    reorientation: &Reorientation,
+    resampling: Option<&Resampling>,
+    resample: F,
+) -> Result<Array4<T>, PreprocessError>
+where
+    T: Copy,
+    F: Fn(&Resampling, ArrayView4<T>) -> Result<Array4<T>, PreprocessError>,
+{
+    let oriented = reorientation.apply_view(data);
+    match resampling {
+        Some(r) => resample(r, oriented),
+        None => Ok(oriented.as_standard_layout().into_owned()),
+    }
 }
 
 const CHUNK: usize = 1 << 16;
@@ -870,6 +939,53 @@ mod tests {
                 data.index_axis(Axis(0), 0).mapv(|v| (v as u32 % 251) as u8)
             );
         }
+    }
+
+    #[test]
+    fn labels_follow_the_image_geometry_in_all_48_orientations() {
+        let dims = [4, 5, 6];
+        let labels = Array3::from_shape_fn(dims, |(x, y, z)| ((x * 31 + y * 7 + z) % 251) as u8);
+        let resampled = PreprocessSpec {
+            target_spacing: Some([1.0, 1.0, 1.0]),
+            ..PreprocessSpec::default()
+        };
+        for a in all_orientations() {
+            let vol = Volume::new(coded(dims, 1), a);
+            // Without resampling the labels move exactly like the image's
+            // voxels, whose values encode where they came from.
+            let (out, inv) = preprocess(&vol, &PreprocessSpec::default()).unwrap();
+            let moved = preprocess_labels(labels.view(), &inv).unwrap();
+            for ((i, j, k), v) in moved.indexed_iter() {
+                let code = out.data[[0, i, j, k]] as usize;
+                let src = [code / 10_000, code / 100 % 100, code % 100];
+                assert_eq!(*v, labels[src]);
+            }
+            assert_eq!(inv.labels(moved).unwrap(), labels);
+
+            // With resampling each model voxel takes the label of the input
+            // voxel nearest to it in world space (the spacings leave no
+            // exact ties).
+            let (out, inv) = preprocess(&vol, &resampled).unwrap();
+            let moved = preprocess_labels(labels.view(), &inv).unwrap();
+            assert_eq!(moved.shape(), &out.dims()[..]);
+            let to_input = a.try_inverse().unwrap() * out.affine;
+            for ((i, j, k), v) in moved.indexed_iter() {
+                let p = to_input * Vector4::new(i as f64, j as f64, k as f64, 1.0);
+                let q = [0, 1, 2].map(|d| p[d].round().clamp(0.0, (dims[d] - 1) as f64) as usize);
+                assert_eq!(*v, labels[q], "{a}: model voxel {:?}", (i, j, k));
+            }
+        }
+        let (_, inv) = preprocess(
+            &Volume::new(coded(dims, 1), Matrix4::identity()),
+            &PreprocessSpec::default(),
+        )
+        .unwrap();
+        let err = preprocess_labels(Array3::zeros((4, 5, 7)).view(), &inv).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("[4, 5, 7]") && msg.contains("before preprocessing"),
+            "{msg}"
+        );
     }
 
     #[test]

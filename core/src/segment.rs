@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ndarray::{Array3, Array4};
+use ndarray::{Array3, Array4, ArrayView3};
 
 use crate::backend::Model;
 use crate::inference::{self, InferenceError, postprocess};
@@ -160,6 +160,21 @@ impl Segmenter {
         limits: &ReadLimits,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<SegmentReport, SegmentError> {
+        self.segment_file_with(input, output, logits, limits, progress, |_, _| {})
+    }
+
+    /// [`Segmenter::segment_file`], then `written(input volume, labels)`
+    /// once the outputs exist: further products (a preview) come from what
+    /// is in memory instead of reading both files back.
+    pub fn segment_file_with(
+        &self,
+        input: &Path,
+        output: &Path,
+        logits: Option<&Path>,
+        limits: &ReadLimits,
+        progress: &(dyn Fn(u64, u64) + Sync),
+        written: impl FnOnce(&Volume, ArrayView3<u8>),
+    ) -> Result<SegmentReport, SegmentError> {
         let t0 = Instant::now();
         let vol = nifti_io::read_volume(input, limits)?;
         let read_s = t0.elapsed().as_secs_f64();
@@ -180,6 +195,8 @@ impl Segmenter {
                 *c += 1;
             }
         }
+        let write_s = t2.elapsed().as_secs_f64();
+        written(&vol, seg.labels.view());
         Ok(SegmentReport {
             input: input.to_path_buf(),
             output: output.to_path_buf(),
@@ -187,7 +204,7 @@ impl Segmenter {
             windows: seg.windows,
             read_s,
             infer_s,
-            write_s: t2.elapsed().as_secs_f64(),
+            write_s,
             label_voxels,
             peak_rss_bytes: peak_rss_bytes(),
         })

@@ -5,4 +5,5 @@ pub mod import;
 pub mod inflate;
 pub mod model;
 pub mod reference;
+pub mod train;
 pub mod vit;

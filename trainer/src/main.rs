@@ -14,6 +14,8 @@ use infl8_trainer::export::{RuntimeSpec, export, manifest_for};
 use infl8_trainer::import::{ImportOptions, load_vit2d_with, save_vit2d};
 use infl8_trainer::inflate::Init;
 use infl8_trainer::model::ModelShape;
+use infl8_trainer::train::config::TrainConfig;
+use infl8_trainer::train::finetune;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
@@ -42,6 +44,27 @@ enum Command {
     Inflate(InflateArgs),
     /// Export a checkpoint to ONNX with its manifest, verified against tract.
     Export(ExportArgs),
+    /// Fine-tune a model on a NIfTI dataset (`--config train.toml`).
+    Finetune(FinetuneArgs),
+}
+
+#[derive(Args)]
+struct FinetuneArgs {
+    /// The run's configuration (see docs/trainer.md).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override `model.init` (inflated, inflated-average, scratch, 2d).
+    #[arg(long)]
+    init: Option<String>,
+    /// Override `train.seed`.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override `train.steps`.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Override `train.out`.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -264,6 +287,37 @@ fn export_cmd(a: ExportArgs, device: &Device) -> Result<()> {
     Ok(())
 }
 
+fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
+    let mut cfg = TrainConfig::load(&a.config)?;
+    if let Some(init) = a.init {
+        cfg.model.init = init;
+    }
+    if let Some(seed) = a.seed {
+        cfg.train.seed = seed;
+    }
+    if let Some(steps) = a.steps {
+        cfg.train.steps = steps;
+    }
+    if let Some(out) = a.out {
+        cfg.train.out = out;
+    }
+    cfg.check().map_err(anyhow::Error::msg)?;
+    let dev = device(&cfg.train.device)?;
+    let s = finetune(&cfg, &dev, true)?;
+    println!(
+        "{} steps in {:.0} s: loss {:.4} -> {:.4}, best validation Dice {:.4} at step {} ({}), last {:.4}",
+        s.steps,
+        s.seconds,
+        s.first_loss,
+        s.last_loss,
+        s.best_dice,
+        s.best_step,
+        s.best_checkpoint.display(),
+        s.last_dice
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -275,6 +329,7 @@ fn main() -> ExitCode {
         Command::Import(a) => import(a),
         Command::Inflate(a) => inflate(a, &d),
         Command::Export(a) => export_cmd(a, &d),
+        Command::Finetune(a) => finetune_cmd(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,381 @@
+//! Fine-tuning: sample windows from a NIfTI dataset, Dice + CE, AdamW with
+//! warmup and decay, gradient clipping, validation through the runtime's own
+//! inference, best/last checkpoints, metrics CSV.
+
+pub mod config;
+pub mod loss;
+pub mod runtime_model;
+pub mod sample;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use infl8_core::dataset::{Case, Dataset, open_dataset, split};
+use infl8_core::nifti_io::{self, ReadLimits};
+use infl8_core::segment::Segmenter;
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::build::{BuildOptions, build};
+use crate::checkpoint;
+use crate::export::{RuntimeSpec, manifest_for};
+use crate::import::{ImportOptions, load_vit2d_with};
+use crate::inflate::Init;
+use crate::model::SegModel;
+use config::{TrainConfig, learning_rate};
+use loss::{dice_ce, hard_dice};
+use runtime_model::BurnModel;
+use sample::{Rng, Sampler, TrainCase};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
+    #[error("{0}")]
+    Dataset(#[from] infl8_core::dataset::DatasetError),
+    #[error("{0}")]
+    Import(#[from] crate::import::ImportError),
+    #[error("{0}")]
+    Build(#[from] crate::build::BuildError),
+    #[error("{0}")]
+    Inflate(#[from] crate::inflate::InflateError),
+    #[error("{0}")]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error("validation of {case}: {detail}")]
+    Validation { case: String, detail: String },
+    #[error("{}: {detail}", .path.display())]
+    Output { path: PathBuf, detail: String },
+    #[error("training: {0}")]
+    Other(String),
+}
+
+/// One validation: per-class Dice per volume (background excluded) and
+/// their mean over volumes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Validation {
+    pub step: usize,
+    /// `[volume][class-1]`; NaN where a class is absent from both.
+    pub per_volume: Vec<(String, Vec<f64>)>,
+    /// Mean over volumes and foreground classes.
+    pub mean_dice: f64,
+}
+
+/// What a run reports at the end.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub best_step: usize,
+    pub best_dice: f64,
+    pub last_dice: f64,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub seconds: f64,
+    pub train_cases: Vec<String>,
+    pub validation_cases: Vec<String>,
+    pub best_checkpoint: PathBuf,
+}
+
+fn out_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |e| TrainError::Output {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
+}
+
+/// Labels of a NIfTI label file as u8 (values must be small integers).
+fn read_labels(path: &Path, limits: &ReadLimits) -> Result<Vec<u8>, TrainError> {
+    let v = nifti_io::read_volume(path, limits).map_err(|e| TrainError::Validation {
+        case: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let data = v.data.as_standard_layout();
+    Ok(data
+        .iter()
+        .map(|&x| x.round().clamp(0.0, 255.0) as u8)
+        .collect())
+}
+
+struct ValCase {
+    id: String,
+    path: PathBuf,
+    image: infl8_core::Volume,
+    label: Vec<u8>,
+}
+
+fn validate(
+    model: &SegModel,
+    device: &Device,
+    spec: &RuntimeSpec,
+    cases: &[ValCase],
+    step: usize,
+) -> Result<Validation, TrainError> {
+    let manifest = manifest_for(model, spec).map_err(TrainError::Other)?;
+    let classes = model.config.classes;
+    let segmenter = Segmenter {
+        model: Box::new(BurnModel::new(model.clone(), device.clone())),
+        manifest,
+        window_batch: 4,
+        largest_component: false,
+    };
+    let mut per_volume = Vec::new();
+    let mut all = Vec::new();
+    for c in cases {
+        let seg = segmenter
+            .segment(&c.image, &c.path, false, &|_, _| {})
+            .map_err(|e| TrainError::Validation {
+                case: c.id.clone(),
+                detail: e.to_string(),
+            })?;
+        let pred: Vec<u8> = seg.labels.as_standard_layout().iter().copied().collect();
+        let dice: Vec<f64> = (1..classes)
+            .map(|k| hard_dice(&pred, &c.label, k as u8).unwrap_or(f64::NAN))
+            .collect();
+        all.extend(dice.iter().copied().filter(|d| !d.is_nan()));
+        per_volume.push((c.id.clone(), dice));
+    }
+    let mean_dice = if all.is_empty() {
+        f64::NAN
+    } else {
+        all.iter().sum::<f64>() / all.len() as f64
+    };
+    Ok(Validation {
+        step,
+        per_volume,
+        mean_dice,
+    })
+}
+
+fn batch_tensors(
+    sampler: &Sampler,
+    cases: &[TrainCase],
+    batch: usize,
+    rng: &mut Rng,
+    device: &Device,
+) -> (Tensor<5>, Tensor<5>) {
+    let channels = cases[0].image.dim().0;
+    let mut xs = Vec::with_capacity(batch * sampler.input_len(channels));
+    let mut ys = Vec::with_capacity(batch * sampler.target_len());
+    for _ in 0..batch {
+        let case = &cases[rng.below(cases.len())];
+        let s = sampler.sample(case, rng);
+        xs.extend(s.x);
+        ys.extend(s.y);
+    }
+    let [rx, ry] = sampler.roi;
+    let (xd, yd) = match sampler.shape {
+        crate::model::ModelShape::Slab { depth } => (
+            [batch, channels, depth, rx, ry],
+            [batch, sampler.classes, 1, rx, ry],
+        ),
+        crate::model::ModelShape::Volumetric { tile_depth, .. } => (
+            [batch, channels, rx, ry, tile_depth],
+            [batch, sampler.classes, rx, ry, tile_depth],
+        ),
+    };
+    (
+        Tensor::from_data(TensorData::new(xs, xd), device),
+        Tensor::from_data(TensorData::new(ys, yd), device),
+    )
+}
+
+/// Runs a fine-tuning job described by `cfg` on `device` (an autodiff
+/// device is made from it). `init` overrides the config's init (ablation).
+pub fn finetune(
+    cfg: &TrainConfig,
+    device: &Device,
+    show_progress: bool,
+) -> Result<TrainSummary, TrainError> {
+    let started = Instant::now();
+    let t = &cfg.train;
+    std::fs::create_dir_all(&t.out).map_err(out_err(&t.out))?;
+    let limits = ReadLimits::default();
+
+    // Data: the same preprocessing code as inference.
+    let dataset = open_dataset(&cfg.data.dir)?;
+    let (train_cases, val_cases) = split(
+        dataset.cases(),
+        cfg.data.validation_fraction,
+        cfg.data.split_seed,
+    );
+    if train_cases.is_empty() {
+        return Err(TrainError::Other(format!(
+            "{}: no training cases after the split",
+            cfg.data.dir.display()
+        )));
+    }
+    let labels = dataset.labels().to_vec();
+    let classes = labels.len();
+    info!(
+        train = train_cases.len(),
+        validation = val_cases.len(),
+        classes,
+        "dataset"
+    );
+    let train: Vec<TrainCase> = train_cases
+        .iter()
+        .map(|c| load_case(dataset.as_ref(), c, cfg, &limits))
+        .collect::<Result<_, _>>()?;
+    let val: Vec<ValCase> = val_cases
+        .iter()
+        .map(|c| {
+            let image =
+                nifti_io::read_volume(&c.image, &limits).map_err(|e| TrainError::Validation {
+                    case: c.id.clone(),
+                    detail: e.to_string(),
+                })?;
+            Ok(ValCase {
+                id: c.id.clone(),
+                path: c.image.clone(),
+                image,
+                label: read_labels(&c.label, &limits)?,
+            })
+        })
+        .collect::<Result<_, TrainError>>()?;
+
+    // Model.
+    let (vit, _) = load_vit2d_with(
+        &cfg.model.vit,
+        &ImportOptions {
+            heads: cfg.model.heads,
+            ..Default::default()
+        },
+    )?;
+    let init = Init::parse(&cfg.model.init)?;
+    let device = device.clone().autodiff();
+    device.seed(t.seed);
+    let opts = BuildOptions {
+        shape: cfg.model.shape.clone(),
+        roi_hw: cfg.model.roi,
+        in_channels: train[0].image.dim().0,
+        classes,
+        features: cfg.model.features,
+        blocks: cfg.model.blocks,
+        init,
+    };
+    let mut model = build(&vit, &opts, &device)?;
+    model.config.source = cfg.model.vit.display().to_string();
+    let spec = RuntimeSpec {
+        name: Some(format!("infl8-{}", init.name())),
+        labels: labels.clone(),
+        preprocess: cfg.preprocess.clone(),
+        overlap: 0.5,
+    };
+
+    let mut optim = {
+        let mut c = AdamWConfig::new().with_weight_decay(t.weight_decay as f32);
+        if t.clip > 0.0 {
+            c = c.with_grad_clipping(Some(GradientClippingConfig::Norm(t.clip as f32)));
+        }
+        c.init()
+    };
+    let sampler = Sampler {
+        shape: model.config.shape.clone(),
+        roi: cfg.model.roi,
+        classes,
+        fg_prob: t.fg_prob,
+        augment: t.augment.clone(),
+    };
+    let mut rng = Rng::new(t.seed);
+
+    let csv_path = t.out.join("metrics.csv");
+    let mut csv = std::fs::File::create(&csv_path).map_err(out_err(&csv_path))?;
+    writeln!(csv, "step,lr,loss,ce,dice_loss,val_dice").map_err(out_err(&csv_path))?;
+    let bar = if show_progress {
+        ProgressBar::new(t.steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+
+    let best_path = t.out.join("best.safetensors");
+    let last_path = t.out.join("last.safetensors");
+    let (mut best_dice, mut best_step, mut last_dice) = (f64::NEG_INFINITY, 0, f64::NAN);
+    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+    let mut validations = Vec::new();
+    for step in 0..t.steps {
+        let lr = learning_rate(t, step);
+        let (x, y) = batch_tensors(&sampler, &train, t.batch, &mut rng, &device);
+        let logits = model.forward(x);
+        let (loss, ce, dl) = dice_ce(logits, y);
+        let value = f64::from(ce + dl);
+        if !value.is_finite() {
+            return Err(TrainError::Other(format!(
+                "the loss became {value} at step {step}"
+            )));
+        }
+        if step == 0 {
+            first_loss = value;
+        }
+        last_loss = value;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(lr, model, grads);
+
+        let validate_now = (step + 1) % t.val_every == 0 || step + 1 == t.steps;
+        let mut val_cell = String::new();
+        if validate_now && !val.is_empty() {
+            let v = validate(&model, &device, &spec, &val, step + 1)?;
+            last_dice = v.mean_dice;
+            val_cell = format!("{:.5}", v.mean_dice);
+            if v.mean_dice > best_dice {
+                best_dice = v.mean_dice;
+                best_step = step + 1;
+                checkpoint::save(&model, &best_path)?;
+            }
+            info!(step = step + 1, dice = v.mean_dice, "validation");
+            validations.push(v);
+        }
+        writeln!(
+            csv,
+            "{},{lr:.3e},{value:.5},{ce:.5},{dl:.5},{val_cell}",
+            step + 1
+        )
+        .map_err(out_err(&csv_path))?;
+        bar.set_message(format!("loss {value:.4} dice {last_dice:.3}"));
+        bar.inc(1);
+    }
+    bar.finish();
+    checkpoint::save(&model, &last_path)?;
+    if val.is_empty() {
+        checkpoint::save(&model, &best_path)?;
+        best_step = t.steps;
+    }
+    let summary = TrainSummary {
+        steps: t.steps,
+        best_step,
+        best_dice,
+        last_dice,
+        first_loss,
+        last_loss,
+        seconds: started.elapsed().as_secs_f64(),
+        train_cases: train_cases.iter().map(|c| c.id.clone()).collect(),
+        validation_cases: val_cases.iter().map(|c| c.id.clone()).collect(),
+        best_checkpoint: best_path,
+    };
+    let vpath = t.out.join("validation.json");
+    std::fs::write(
+        &vpath,
+        serde_json::to_string_pretty(&(&summary, &validations)).unwrap_or_default(),
+    )
+    .map_err(out_err(&vpath))?;
+    Ok(summary)
+}
+
+fn load_case(
+    dataset: &dyn Dataset,
+    case: &Case,
+    cfg: &TrainConfig,
+    limits: &ReadLimits,
+) -> Result<TrainCase, TrainError> {
+    let p = dataset.load(case, &cfg.preprocess, limits)?;
+    Ok(TrainCase::new(case.id.clone(), p.image.data, p.label))
+}
