@@ -32,6 +32,7 @@ fn step(c: &mut Criterion) {
     #[allow(unused_mut)]
     let mut devices: Vec<(&str, Device)> = vec![("flex", Device::flex())];
     #[cfg(feature = "ndarray-backend")]
+    #[allow(deprecated)]
     devices.push(("ndarray", Device::ndarray()));
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);

@@ -15,7 +15,7 @@ use infl8_trainer::import::{ImportOptions, load_vit2d_with, save_vit2d};
 use infl8_trainer::inflate::Init;
 use infl8_trainer::model::ModelShape;
 use infl8_trainer::train::config::TrainConfig;
-use infl8_trainer::train::finetune;
+use infl8_trainer::train::{ablate, finetune};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
@@ -46,6 +46,28 @@ enum Command {
     Export(ExportArgs),
     /// Fine-tune a model on a NIfTI dataset (`--config train.toml`).
     Finetune(FinetuneArgs),
+    /// The ablation: the same run for several inits and seeds, Markdown table.
+    Ablate(AblateArgs),
+}
+
+#[derive(Args)]
+struct AblateArgs {
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "inflated,inflated-average,scratch,2d"
+    )]
+    inits: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    seeds: Vec<u64>,
+    /// Override `train.steps`.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Markdown report (default: <train.out>/ablation.md).
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -178,7 +200,9 @@ struct ExportArgs {
 fn device(name: &str) -> Result<Device> {
     match name {
         "flex" => Ok(Device::flex()),
+        // Deprecated upstream in favour of flex; kept selectable for comparison.
         #[cfg(feature = "ndarray-backend")]
+        #[allow(deprecated)]
         "ndarray" => Ok(Device::ndarray()),
         #[cfg(feature = "cuda")]
         "cuda" => Ok(Device::cuda(0)),
@@ -318,6 +342,29 @@ fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
     Ok(())
 }
 
+fn ablate_cmd(a: AblateArgs) -> Result<()> {
+    let mut cfg = TrainConfig::load(&a.config)?;
+    if let Some(steps) = a.steps {
+        cfg.train.steps = steps;
+    }
+    for init in &a.inits {
+        Init::parse(init)?;
+    }
+    let dev = device(&cfg.train.device)?;
+    let results = ablate::ablate(&cfg, &a.inits, &a.seeds, &dev, true)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let md = ablate::report(&results, &cfg, &command);
+    let path = a
+        .report
+        .unwrap_or_else(|| ablate::default_report_path(&cfg));
+    std::fs::write(&path, &md).with_context(|| format!("cannot write {}", path.display()))?;
+    let json = path.with_extension("json");
+    std::fs::write(&json, serde_json::to_string_pretty(&results)?)
+        .with_context(|| format!("cannot write {}", json.display()))?;
+    println!("{md}\nwrote {} and {}", path.display(), json.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -330,6 +377,7 @@ fn main() -> ExitCode {
         Command::Inflate(a) => inflate(a, &d),
         Command::Export(a) => export_cmd(a, &d),
         Command::Finetune(a) => finetune_cmd(a),
+        Command::Ablate(a) => ablate_cmd(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 //! warmup and decay, gradient clipping, validation through the runtime's own
 //! inference, best/last checkpoints, metrics CSV.
 
+pub mod ablate;
 pub mod config;
 pub mod loss;
 pub mod runtime_model;
