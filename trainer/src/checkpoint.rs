@@ -6,9 +6,14 @@ use std::path::{Path, PathBuf};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Device;
 
+use infl8_core::manifest::Manifest;
+
 use crate::model::{SegConfig, SegModel};
 
 pub const CONFIG_KEY: &str = "infl8.seg_config";
+/// How to run the model (preprocessing, labels), when the checkpoint comes
+/// from fine-tuning: `export` then needs no flags.
+pub const MANIFEST_KEY: &str = infl8_onnx::MANIFEST_KEY;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -22,6 +27,15 @@ pub enum CheckpointError {
 
 /// Writes the model atomically (temporary file, then rename).
 pub fn save(model: &SegModel, path: &Path) -> Result<(), CheckpointError> {
+    save_with_manifest(model, path, None)
+}
+
+/// [`save`], recording the runtime manifest the model was trained for.
+pub fn save_with_manifest(
+    model: &SegModel,
+    path: &Path,
+    manifest: Option<&Manifest>,
+) -> Result<(), CheckpointError> {
     let err = |detail: String| CheckpointError::Write {
         path: path.to_path_buf(),
         detail,
@@ -31,6 +45,9 @@ pub fn save(model: &SegModel, path: &Path) -> Result<(), CheckpointError> {
     let mut store = SafetensorsStore::from_file(&tmp)
         .metadata(CONFIG_KEY, config)
         .overwrite(true);
+    if let Some(m) = manifest {
+        store = store.metadata(MANIFEST_KEY, m.to_json());
+    }
     let result = model
         .save_into(&mut store)
         .map_err(|e| err(e.to_string()))
@@ -39,6 +56,33 @@ pub fn save(model: &SegModel, path: &Path) -> Result<(), CheckpointError> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+fn metadata(path: &Path) -> Result<std::collections::HashMap<String, String>, CheckpointError> {
+    let bytes = std::fs::read(path).map_err(|e| CheckpointError::Read {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| CheckpointError::Format {
+            path: path.to_path_buf(),
+            detail: format!("not a safetensors file ({e})"),
+        })?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// The runtime manifest recorded by fine-tuning, if any.
+pub fn read_manifest(path: &Path) -> Result<Option<Manifest>, CheckpointError> {
+    let meta = metadata(path)?;
+    match meta.get(MANIFEST_KEY) {
+        None => Ok(None),
+        Some(json) => Manifest::from_json(json, path, "checkpoint metadata")
+            .map(Some)
+            .map_err(|e| CheckpointError::Format {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            }),
+    }
 }
 
 /// The configuration stored in a checkpoint.

@@ -174,24 +174,27 @@ struct ExportArgs {
     checkpoint: PathBuf,
     #[arg(long)]
     out: PathBuf,
-    /// Class names, background first (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "background,foreground")]
-    labels: Vec<String>,
-    /// Target voxel spacing in mm (X Y Z); default: keep the input's.
+    /// Class names, background first (comma-separated). Default: the
+    /// checkpoint's (fine-tuned checkpoints record them), else
+    /// background,foreground.
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// Target voxel spacing in mm (X Y Z); default: the checkpoint's, else
+    /// the input's.
     #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"])]
     spacing: Option<Vec<f64>>,
     /// Intensity window LO HI, scaled to [0, 1].
     #[arg(long, num_args = 2, value_names = ["LO", "HI"], conflicts_with_all = ["zscore", "percentile"])]
     window: Option<Vec<f64>>,
     /// Z-score normalisation over nonzero voxels.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "percentile")]
     zscore: bool,
     /// Percentile window LO HI (percent), scaled to [0, 1].
     #[arg(long, num_args = 2, value_names = ["LO", "HI"])]
     percentile: Option<Vec<f64>>,
     /// Overlap of neighbouring windows.
-    #[arg(long, default_value_t = 0.5)]
-    overlap: f64,
+    #[arg(long)]
+    overlap: Option<f64>,
     /// Model name for the manifest.
     #[arg(long)]
     name: Option<String>,
@@ -285,28 +288,47 @@ fn inflate(a: InflateArgs, device: &Device) -> Result<()> {
 
 fn export_cmd(a: ExportArgs, device: &Device) -> Result<()> {
     let model = checkpoint::load(&a.checkpoint, device)?;
+    // Start from what fine-tuning recorded; flags override it piece by piece.
+    let recorded = checkpoint::read_manifest(&a.checkpoint)?;
+    let base = recorded.as_ref();
     let normalization = match (&a.window, a.zscore, &a.percentile) {
         (Some(w), _, _) => Normalization::Window { lo: w[0], hi: w[1] },
         (_, true, _) => Normalization::Zscore { nonzero: true },
         (_, _, Some(p)) => Normalization::Percentile { lo: p[0], hi: p[1] },
-        _ => Normalization::None,
+        _ => base
+            .map(|m| m.preprocess.normalization.clone())
+            .unwrap_or(Normalization::None),
     };
+    let target_spacing = match &a.spacing {
+        Some(s) => Some([s[0], s[1], s[2]]),
+        None => base.and_then(|m| m.preprocess.target_spacing),
+    };
+    let labels = a
+        .labels
+        .clone()
+        .or_else(|| base.map(|m| m.labels.clone()))
+        .unwrap_or_else(|| vec!["background".into(), "foreground".into()]);
+    let recorded_overlap = base.map(|m| match &m.inference {
+        infl8_core::manifest::InferenceMode::SlidingWindow(s) => s.overlap,
+        infl8_core::manifest::InferenceMode::Slab(s) => s.overlap,
+    });
     let spec = RuntimeSpec {
-        name: a.name.clone(),
-        labels: a.labels.clone(),
+        name: a.name.clone().or_else(|| base.and_then(|m| m.name.clone())),
+        labels,
         preprocess: PreprocessSpec {
             reorient: true,
-            target_spacing: a.spacing.as_ref().map(|s| [s[0], s[1], s[2]]),
+            target_spacing,
             normalization,
         },
-        overlap: a.overlap,
+        overlap: a.overlap.or(recorded_overlap).unwrap_or(0.5),
     };
     let manifest = manifest_for(&model, &spec).map_err(anyhow::Error::msg)?;
     let diff = export(&model, &manifest, &a.out)
         .with_context(|| format!("exporting {}", a.checkpoint.display()))?;
     println!(
-        "wrote {} (tract vs burn max abs diff {diff:.2e})",
-        a.out.display()
+        "wrote {} (tract vs burn max abs diff {diff:.2e}); manifest {}",
+        a.out.display(),
+        manifest.to_json()
     );
     Ok(())
 }

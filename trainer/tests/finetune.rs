@@ -114,4 +114,14 @@ out = "run"
     for f in ["best.safetensors", "last.safetensors", "validation.json"] {
         assert!(dir.path().join("run").join(f).is_file(), "{f}");
     }
+    // The checkpoint records how to run the model, so export needs no flags.
+    let m = infl8_trainer::checkpoint::read_manifest(&dir.path().join("run/best.safetensors"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.labels, ["background", "foreground"]);
+    assert_eq!(m.preprocess.target_spacing, Some([8.0, 8.0, 8.0]));
+    assert!(matches!(
+        m.preprocess.normalization,
+        infl8_core::preprocess::Normalization::Percentile { .. }
+    ));
 }

@@ -266,6 +266,7 @@ pub fn finetune(
         preprocess: cfg.preprocess.clone(),
         overlap: 0.5,
     };
+    let manifest = manifest_for(&model, &spec).map_err(TrainError::Other)?;
 
     let mut optim = {
         let mut c = AdamWConfig::new().with_weight_decay(t.weight_decay as f32);
@@ -330,7 +331,7 @@ pub fn finetune(
             if v.mean_dice > best_dice {
                 best_dice = v.mean_dice;
                 best_step = step + 1;
-                checkpoint::save(&model, &best_path)?;
+                checkpoint::save_with_manifest(&model, &best_path, Some(&manifest))?;
             }
             info!(step = step + 1, dice = v.mean_dice, "validation");
             validations.push(v);
@@ -345,9 +346,9 @@ pub fn finetune(
         bar.inc(1);
     }
     bar.finish();
-    checkpoint::save(&model, &last_path)?;
+    checkpoint::save_with_manifest(&model, &last_path, Some(&manifest))?;
     if val.is_empty() {
-        checkpoint::save(&model, &best_path)?;
+        checkpoint::save_with_manifest(&model, &best_path, Some(&manifest))?;
         best_step = t.steps;
     }
     let summary = TrainSummary {
