@@ -87,6 +87,9 @@ struct FinetuneArgs {
     /// Override `train.out`.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Continue the run in the output folder from its last snapshot.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args)]
@@ -349,7 +352,11 @@ fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
     }
     cfg.check().map_err(anyhow::Error::msg)?;
     let dev = device(&cfg.train.device)?;
-    let s = finetune(&cfg, &dev, true)?;
+    let s = if a.resume {
+        infl8_trainer::train::resume(&cfg, &dev, true)?
+    } else {
+        finetune(&cfg, &dev, true)?
+    };
     println!(
         "{} steps in {:.0} s: loss {:.4} -> {:.4}, best validation Dice {:.4} at step {} ({}), last {:.4}",
         s.steps,

@@ -37,14 +37,13 @@ fn link_case(dir: &Path, id: &str, res: &str) {
     nifti_io::write_labels(&dir.join(format!("{id}_label.nii.gz")), labels.view(), &v).unwrap();
 }
 
-#[test]
-fn a_short_finetune_lowers_the_loss_and_writes_its_artefacts() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+/// Data, a tiny ViT and a config in `dir`; returns the config's path.
+fn setup(dir: &Path, steps: usize, val_every: usize) -> PathBuf {
+    let data = dir.join("data");
     std::fs::create_dir(&data).unwrap();
     link_case(&data, "mni2mm", "02");
     link_case(&data, "mni1mm", "01");
-    let vit = dir.path().join("vit.safetensors");
+    let vit = dir.join("vit.safetensors");
     save_vit2d(
         &vit,
         &Vit2d::random(
@@ -64,7 +63,7 @@ fn a_short_finetune_lowers_the_loss_and_writes_its_artefacts() {
         ),
     )
     .unwrap();
-    let cfg_path = dir.path().join("train.toml");
+    let cfg_path = dir.join("train.toml");
     std::fs::write(
         &cfg_path,
         r#"
@@ -84,18 +83,26 @@ target_spacing = [8.0, 8.0, 8.0]
 normalization = { kind = "percentile", lo = 1.0, hi = 99.0 }
 
 [train]
-steps = 80
+steps = STEPS
 batch = 4
 lr = 2e-3
 warmup = 4
-val_every = 40
+val_every = VAL_EVERY
 seed = 3
 fg_prob = 1.0
 out = "run"
-"#,
+"#
+        .replace("STEPS", &steps.to_string())
+        .replace("VAL_EVERY", &val_every.to_string()),
     )
     .unwrap();
-    let cfg = TrainConfig::load(&cfg_path).unwrap();
+    cfg_path
+}
+
+#[test]
+fn a_short_finetune_lowers_the_loss_and_writes_its_artefacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig::load(&setup(dir.path(), 80, 40)).unwrap();
     let s = finetune(&cfg, &burn::tensor::Device::default(), false).unwrap();
 
     let csv = std::fs::read_to_string(dir.path().join("run/metrics.csv")).unwrap();
@@ -124,4 +131,60 @@ out = "run"
         m.preprocess.normalization,
         infl8_core::preprocess::Normalization::Percentile { .. }
     ));
+}
+
+fn outputs(path: &Path) -> Vec<f32> {
+    let device = burn::tensor::Device::default();
+    let m = infl8_trainer::checkpoint::load(path, &device).unwrap();
+    let mut shape = vec![1];
+    shape.extend(m.config.input_item_shape());
+    let n: usize = shape.iter().product();
+    let x = burn::tensor::Tensor::<5>::from_data(
+        burn::tensor::TensorData::new(
+            (0..n).map(|i| (i as f32 * 0.1).sin()).collect::<Vec<f32>>(),
+            <[usize; 5]>::try_from(shape).unwrap(),
+        ),
+        &device,
+    );
+    m.forward(x)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn a_resumed_run_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig::load(&setup(dir.path(), 20, 10)).unwrap();
+    let device = burn::tensor::Device::default();
+    let full = finetune(&cfg, &device, false).unwrap();
+    let run = dir.path().join("run");
+    let last = run.join("last.safetensors");
+    let want = outputs(&last);
+    let csv_full = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert!(run.join("resume.json").is_file());
+
+    // As if the process had died after step 10: resume from the snapshot.
+    std::fs::remove_file(&last).unwrap();
+    let resumed = infl8_trainer::train::resume(&cfg, &device, false).unwrap();
+    let got = outputs(&last);
+    let csv_resumed = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(csv_resumed, csv_full, "the metrics must repeat exactly");
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff == 0.0, "resumed weights differ: {diff}");
+    assert_eq!(full.resumed_from, 0);
+    assert_eq!(resumed.resumed_from, 10, "must continue from the snapshot");
+    assert_eq!(resumed.last_loss, full.last_loss);
+    assert_eq!(resumed.best_step, full.best_step);
+
+    // A different run must not silently continue this one.
+    let mut other = cfg.clone();
+    other.model.features = 8;
+    let e = infl8_trainer::train::resume(&other, &device, false).unwrap_err();
+    assert!(e.to_string().contains("different"), "{e}");
 }

@@ -70,6 +70,8 @@ pub struct Validation {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainSummary {
     pub steps: usize,
+    /// The step a resumed run started from (0 for a fresh run).
+    pub resumed_from: usize,
     pub best_step: usize,
     pub best_dice: f64,
     pub last_dice: f64,
@@ -191,6 +193,124 @@ pub fn finetune(
     device: &Device,
     show_progress: bool,
 ) -> Result<TrainSummary, TrainError> {
+    run(cfg, device, show_progress, false)
+}
+
+/// Continues the run in `cfg.train.out` from its last saved state (model,
+/// optimizer moments, sampling RNG, step): the result equals an
+/// uninterrupted run. Starts afresh when there is no saved state.
+pub fn resume(
+    cfg: &TrainConfig,
+    device: &Device,
+    show_progress: bool,
+) -> Result<TrainSummary, TrainError> {
+    run(cfg, device, show_progress, true)
+}
+
+/// Everything besides weights and optimizer moments that a resumed run
+/// needs to continue exactly.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TrainState {
+    step: usize,
+    rng: Rng,
+    best_dice: f64,
+    best_step: usize,
+    last_dice: f64,
+    first_loss: f64,
+    last_loss: f64,
+    validations: Vec<Validation>,
+    /// The run's configuration, to refuse resuming a different run.
+    config: TrainConfig,
+}
+
+/// Pointer to the latest complete resume snapshot; replaced atomically
+/// (write + rename) only after the snapshot's files are all written, so a
+/// crash at any moment leaves the previous snapshot usable.
+const RESUME_POINTER: &str = "resume.json";
+
+fn save_snapshot(
+    out: &Path,
+    model: &SegModel,
+    optim: &burn::optim::ModuleOptimizer,
+    state: &TrainState,
+) -> Result<(), TrainError> {
+    let dir = out.join(format!("resume-{:08}", state.step));
+    std::fs::create_dir_all(&dir).map_err(out_err(&dir))?;
+    checkpoint::save(model, &dir.join("model.safetensors"))?;
+    let opt_path = dir.join("optim.bpk");
+    optim
+        .to_record()
+        .save(&opt_path)
+        .map_err(|e| TrainError::Output {
+            path: opt_path.clone(),
+            detail: format!("{e:?}"),
+        })?;
+    let st_path = dir.join("state.json");
+    let json = serde_json::to_string(state).map_err(|e| TrainError::Other(e.to_string()))?;
+    std::fs::write(&st_path, json).map_err(out_err(&st_path))?;
+    let pointer = out.join(RESUME_POINTER);
+    let tmp = out.join(format!("{RESUME_POINTER}.part"));
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::fs::write(&tmp, serde_json::json!({ "snapshot": name }).to_string())
+        .map_err(out_err(&tmp))?;
+    std::fs::rename(&tmp, &pointer).map_err(out_err(&pointer))?;
+    // Older snapshots are no longer needed.
+    if let Ok(entries) = std::fs::read_dir(out) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("resume-") && n != name {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+type Snapshot = (SegModel, burn::optim::OptimizerRecord, TrainState);
+
+fn load_snapshot(out: &Path, device: &Device) -> Result<Option<Snapshot>, TrainError> {
+    let pointer = out.join(RESUME_POINTER);
+    let text = match std::fs::read_to_string(&pointer) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(out_err(&pointer)(e)),
+    };
+    let bad = |detail: String| TrainError::Output {
+        path: pointer.clone(),
+        detail,
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let name = v["snapshot"]
+        .as_str()
+        .ok_or_else(|| bad("no `snapshot` entry".into()))?;
+    let dir = out.join(name);
+    let model = crate::model::with_stable_param_ids(checkpoint::load(
+        &dir.join("model.safetensors"),
+        device,
+    )?);
+    let opt_path = dir.join("optim.bpk");
+    let record = burn::optim::OptimizerRecord::load(&opt_path).map_err(|e| TrainError::Output {
+        path: opt_path.clone(),
+        detail: format!("{e:?}"),
+    })?;
+    let st_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&st_path).map_err(out_err(&st_path))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| TrainError::Output {
+        path: st_path.clone(),
+        detail: e.to_string(),
+    })?;
+    Ok(Some((model, record, state)))
+}
+
+fn run(
+    cfg: &TrainConfig,
+    device: &Device,
+    show_progress: bool,
+    resume: bool,
+) -> Result<TrainSummary, TrainError> {
     let started = Instant::now();
     let t = &cfg.train;
     std::fs::create_dir_all(&t.out).map_err(out_err(&t.out))?;
@@ -258,7 +378,7 @@ pub fn finetune(
         blocks: cfg.model.blocks,
         init,
     };
-    let mut model = build(&vit, &opts, &device)?;
+    let mut model = crate::model::with_stable_param_ids(build(&vit, &opts, &device)?);
     model.config.source = cfg.model.vit.display().to_string();
     let spec = RuntimeSpec {
         name: Some(format!("infl8-{}", init.name())),
@@ -268,7 +388,7 @@ pub fn finetune(
     };
     let manifest = manifest_for(&model, &spec).map_err(TrainError::Other)?;
 
-    let mut optim = {
+    let mut optim: burn::optim::ModuleOptimizer = {
         let mut c = AdamWConfig::new().with_weight_decay(t.weight_decay as f32);
         if t.clip > 0.0 {
             c = c.with_grad_clipping(Some(GradientClippingConfig::Norm(t.clip as f32)));
@@ -283,10 +403,49 @@ pub fn finetune(
         augment: t.augment.clone(),
     };
     let mut rng = Rng::new(t.seed);
-
+    let mut start = 0;
+    let (mut best_dice, mut best_step, mut last_dice) = (f64::NEG_INFINITY, 0, f64::NAN);
+    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+    let mut validations = Vec::new();
     let csv_path = t.out.join("metrics.csv");
+    let mut kept_rows = Vec::new();
+    if resume && let Some((m, record, state)) = load_snapshot(&t.out, &device)? {
+        if state.config.model != cfg.model || state.config.data != cfg.data {
+            return Err(TrainError::Other(format!(
+                "{}: the saved run used a different model or data configuration; \
+                 use another output folder",
+                t.out.display()
+            )));
+        }
+        model = m;
+        optim = optim.load_record(record);
+        start = state.step;
+        rng = state.rng;
+        (best_dice, best_step, last_dice) = (state.best_dice, state.best_step, state.last_dice);
+        (first_loss, last_loss) = (state.first_loss, state.last_loss);
+        validations = state.validations;
+        // Keep the metrics up to the snapshot; later rows are redone.
+        if let Ok(old) = std::fs::read_to_string(&csv_path) {
+            kept_rows = old
+                .lines()
+                .skip(1)
+                .filter(|l| {
+                    l.split(',')
+                        .next()
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .is_some_and(|step| step <= start)
+                })
+                .map(str::to_string)
+                .collect();
+        }
+        info!(step = start, "resumed");
+    }
+
     let mut csv = std::fs::File::create(&csv_path).map_err(out_err(&csv_path))?;
     writeln!(csv, "step,lr,loss,ce,dice_loss,val_dice").map_err(out_err(&csv_path))?;
+    for row in &kept_rows {
+        writeln!(csv, "{row}").map_err(out_err(&csv_path))?;
+    }
     let bar = if show_progress {
         ProgressBar::new(t.steps as u64)
     } else {
@@ -301,10 +460,8 @@ pub fn finetune(
 
     let best_path = t.out.join("best.safetensors");
     let last_path = t.out.join("last.safetensors");
-    let (mut best_dice, mut best_step, mut last_dice) = (f64::NEG_INFINITY, 0, f64::NAN);
-    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
-    let mut validations = Vec::new();
-    for step in 0..t.steps {
+    bar.set_position(start as u64);
+    for step in start..t.steps {
         let lr = learning_rate(t, step);
         let (x, y) = batch_tensors(&sampler, &train, t.batch, &mut rng, &device);
         let logits = model.forward(x);
@@ -342,6 +499,21 @@ pub fn finetune(
             step + 1
         )
         .map_err(out_err(&csv_path))?;
+        if (step + 1) % t.val_every == 0 && step + 1 < t.steps {
+            csv.flush().map_err(out_err(&csv_path))?;
+            let state = TrainState {
+                step: step + 1,
+                rng: rng.clone(),
+                best_dice,
+                best_step,
+                last_dice,
+                first_loss,
+                last_loss,
+                validations: validations.clone(),
+                config: cfg.clone(),
+            };
+            save_snapshot(&t.out, &model, &optim, &state)?;
+        }
         bar.set_message(format!("loss {value:.4} dice {last_dice:.3}"));
         bar.inc(1);
     }
@@ -353,6 +525,7 @@ pub fn finetune(
     }
     let summary = TrainSummary {
         steps: t.steps,
+        resumed_from: start,
         best_step,
         best_dice,
         last_dice,
