@@ -299,7 +299,7 @@ fn export_cmd(a: ExportArgs, device: &Device) -> Result<()> {
         (_, true, _) => Normalization::Zscore { nonzero: true },
         (_, _, Some(p)) => Normalization::Percentile { lo: p[0], hi: p[1] },
         _ => base
-            .map(|m| m.preprocess.normalization.clone())
+            .map(|m| m.preprocess.normalization)
             .unwrap_or(Normalization::None),
     };
     let target_spacing = match &a.spacing {

@@ -195,7 +195,8 @@ impl Sampler {
             // The window's centre sits on a voxel centre for odd sizes and
             // between two voxels for even ones, so that without zoom every
             // output pixel lands exactly on a source voxel (no blur).
-            let centre = |c: usize, r: usize| c as f64 - if r.is_multiple_of(2) { 0.5 } else { 0.0 };
+            let centre =
+                |c: usize, r: usize| c as f64 - if r.is_multiple_of(2) { 0.5 } else { 0.0 };
             (centre(cx, rx) + u * zoom, centre(cy, ry) + v * zoom)
         };
 
