@@ -387,10 +387,17 @@ fn ablate_cmd(a: AblateArgs) -> Result<()> {
         .report
         .unwrap_or_else(|| ablate::default_report_path(&cfg));
     std::fs::write(&path, &md).with_context(|| format!("cannot write {}", path.display()))?;
+    let png = path.with_extension("png");
+    ablate::plot(&results, &png)?;
     let json = path.with_extension("json");
     std::fs::write(&json, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("cannot write {}", json.display()))?;
-    println!("{md}\nwrote {} and {}", path.display(), json.display());
+    println!(
+        "{md}\nwrote {}, {} and {}",
+        path.display(),
+        png.display(),
+        json.display()
+    );
     Ok(())
 }
 

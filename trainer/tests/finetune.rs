@@ -188,3 +188,24 @@ fn a_resumed_run_continues_exactly() {
     let e = infl8_trainer::train::resume(&other, &device, false).unwrap_err();
     assert!(e.to_string().contains("different"), "{e}");
 }
+
+#[test]
+fn ablation_runs_every_arm_and_reports_mean_and_sd() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig::load(&setup(dir.path(), 6, 3)).unwrap();
+    let device = burn::tensor::Device::default();
+    let inits = vec!["inflated".to_string(), "scratch".to_string()];
+    let results =
+        infl8_trainer::train::ablate::ablate(&cfg, &inits, &[0, 1], &device, false).unwrap();
+    assert_eq!(results.len(), 4);
+    let md = infl8_trainer::train::ablate::report(&results, &cfg, "infl8-train ablate ...");
+    assert!(
+        md.contains("| inflated | 2 |") && md.contains("| scratch | 2 |"),
+        "{md}"
+    );
+    assert!(md.contains(" ± "), "{md}");
+    let png = dir.path().join("ablation.png");
+    infl8_trainer::train::ablate::plot(&results, &png).unwrap();
+    assert!(png.is_file());
+    assert!(dir.path().join("run/scratch-seed1/metrics.png").is_file());
+}

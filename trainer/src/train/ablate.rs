@@ -96,6 +96,45 @@ pub fn report(results: &[ArmResult], config: &TrainConfig, command: &str) -> Str
     s
 }
 
+/// Validation Dice against step per init, mean over seeds.
+pub fn plot(results: &[ArmResult], path: &std::path::Path) -> Result<(), super::plot::PlotError> {
+    let mut arms: Vec<super::plot::Series> = Vec::new();
+    for r in results {
+        let curve = read_curve(&r.summary);
+        match arms.iter_mut().find(|a| a.name == r.init) {
+            Some(a) => {
+                for (p, (_, v)) in a.points.iter_mut().zip(curve) {
+                    p.1 += v;
+                }
+            }
+            None => arms.push(super::plot::Series {
+                name: r.init.clone(),
+                points: curve,
+            }),
+        }
+    }
+    for a in &mut arms {
+        let n = results.iter().filter(|r| r.init == a.name).count().max(1) as f64;
+        for p in &mut a.points {
+            p.1 /= n;
+        }
+    }
+    super::plot::plot_arms(path, &arms)
+}
+
+/// (step, mean Dice) of a run, from the validation.json it wrote.
+fn read_curve(s: &TrainSummary) -> Vec<(f64, f64)> {
+    let path = s.best_checkpoint.with_file_name("validation.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Vec::new();
+    };
+    let Ok((_, vals)) = serde_json::from_str::<(TrainSummary, Vec<super::Validation>)>(&text)
+    else {
+        return Vec::new();
+    };
+    vals.iter().map(|v| (v.step as f64, v.mean_dice)).collect()
+}
+
 /// Where the report goes by default.
 pub fn default_report_path(config: &TrainConfig) -> PathBuf {
     config.train.out.join("ablation.md")

@@ -5,6 +5,7 @@
 pub mod ablate;
 pub mod config;
 pub mod loss;
+pub mod plot;
 pub mod runtime_model;
 pub mod sample;
 
@@ -443,9 +444,23 @@ fn run(
 
     let mut csv = std::fs::File::create(&csv_path).map_err(out_err(&csv_path))?;
     writeln!(csv, "step,lr,loss,ce,dice_loss,val_dice").map_err(out_err(&csv_path))?;
+    let mut loss_history: Vec<(f64, f64)> = Vec::new();
     for row in &kept_rows {
         writeln!(csv, "{row}").map_err(out_err(&csv_path))?;
+        let mut cells = row.split(',');
+        if let (Some(st), Some(l)) = (cells.next(), cells.nth(1))
+            && let (Ok(st), Ok(l)) = (st.parse::<f64>(), l.parse::<f64>())
+        {
+            loss_history.push((st, l));
+        }
     }
+    let plot_path = t.out.join("metrics.png");
+    let draw = |loss: &[(f64, f64)], vals: &[Validation]| {
+        let dice: Vec<(f64, f64)> = vals.iter().map(|v| (v.step as f64, v.mean_dice)).collect();
+        if let Err(e) = plot::plot_run(&plot_path, loss, &dice) {
+            tracing::warn!("{e}");
+        }
+    };
     let bar = if show_progress {
         ProgressBar::new(t.steps as u64)
     } else {
@@ -476,6 +491,7 @@ fn run(
             first_loss = value;
         }
         last_loss = value;
+        loss_history.push(((step + 1) as f64, value));
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(lr, model, grads);
 
@@ -492,6 +508,7 @@ fn run(
             }
             info!(step = step + 1, dice = v.mean_dice, "validation");
             validations.push(v);
+            draw(&loss_history, &validations);
         }
         writeln!(
             csv,
@@ -518,6 +535,7 @@ fn run(
         bar.inc(1);
     }
     bar.finish();
+    draw(&loss_history, &validations);
     checkpoint::save_with_manifest(&model, &last_path, Some(&manifest))?;
     if val.is_empty() {
         checkpoint::save_with_manifest(&model, &best_path, Some(&manifest))?;
