@@ -1,49 +1,11 @@
 //! End to end: `infl8 segment --preview` draws the segmentation of a real
 //! MRI over the scan as a PNG.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use infl8_core::nifti_io::{self, ReadLimits};
-use infl8_suite::{bin, t1_2mm, target_dir};
-
-fn infl8(args: &[&str]) -> Output {
-    Command::new(bin("infl8"))
-        .args(args)
-        // The plugin sits next to the binary in target/<profile>.
-        .env("INFL8_PLUGIN_DIRS", target_dir())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run infl8")
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "infl8 failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn example_model(dir: &Path) -> PathBuf {
-    let model = dir.join("example.onnx");
-    ok(&infl8(&[
-        "example-model",
-        "--out",
-        model.to_str().unwrap(),
-        "--roi",
-        "48",
-        "48",
-        "48",
-    ]));
-    model
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use infl8_suite::{example_model, infl8, ok, s, t1_2mm};
 
 fn segment(model: &Path, input: &Path, output: &Path, preview: &Path) -> Output {
     infl8(&[
@@ -81,7 +43,7 @@ fn decode(path: &Path) -> (u32, u32, Vec<[u8; 3]>) {
 #[test]
 fn preview_shows_the_head_mask_in_red_over_the_mri() {
     let dir = tempfile::tempdir().unwrap();
-    let model = example_model(dir.path());
+    let model = example_model(dir.path(), 48);
     let out = dir.path().join("mask.nii.gz");
     // The preview's folder does not exist yet: segment creates it.
     let preview = dir.path().join("previews").join("head.png");
@@ -116,7 +78,7 @@ fn preview_shows_the_head_mask_in_red_over_the_mri() {
 #[test]
 fn flipped_storage_gives_the_same_preview() {
     let dir = tempfile::tempdir().unwrap();
-    let model = example_model(dir.path());
+    let model = example_model(dir.path(), 48);
     let limits = ReadLimits::default();
     let input = t1_2mm();
     let v = nifti_io::read_volume(&input, &limits).unwrap();
@@ -153,7 +115,7 @@ fn flipped_storage_gives_the_same_preview() {
 #[test]
 fn folder_mode_writes_one_preview_per_input_and_reports_failures() {
     let dir = tempfile::tempdir().unwrap();
-    let model = example_model(dir.path());
+    let model = example_model(dir.path(), 48);
     let inbox = dir.path().join("in");
     let outbox = dir.path().join("out");
     let previews = dir.path().join("previews");
@@ -189,7 +151,7 @@ fn folder_mode_writes_one_preview_per_input_and_reports_failures() {
 #[test]
 fn failed_preview_keeps_the_segmentation_and_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let model = example_model(dir.path());
+    let model = example_model(dir.path(), 48);
     let out = dir.path().join("mask.nii.gz");
 
     // A folder where the PNG should go is refused before any work.

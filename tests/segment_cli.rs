@@ -1,54 +1,13 @@
 //! End to end: the `infl8` binary segments a real MRI through the tract
 //! plugin loaded from its shared library.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
 use infl8_core::nifti_io::{self, ReadLimits};
-use infl8_suite::{bin, mni152, t1_2mm, target_dir};
-
-fn infl8(args: &[&str]) -> Output {
-    Command::new(bin("infl8"))
-        .args(args)
-        // The plugin sits next to the binary in target/<profile>.
-        .env("INFL8_PLUGIN_DIRS", target_dir())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run infl8")
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "infl8 failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn example_model(dir: &Path) -> PathBuf {
-    let model = dir.join("example.onnx");
-    ok(&infl8(&[
-        "example-model",
-        "--out",
-        model.to_str().unwrap(),
-        "--roi",
-        "48",
-        "48",
-        "48",
-    ]));
-    model
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use infl8_suite::{example_model, infl8, mni152, ok, s, t1_2mm};
 
 #[test]
 fn segments_a_real_mri_on_the_input_grid() {
     let dir = tempfile::tempdir().unwrap();
-    let model = example_model(dir.path());
+    let model = example_model(dir.path(), 48);
     let out = dir.path().join("mask.nii.gz");
     let logits = dir.path().join("logits.nii.gz");
     let input = t1_2mm();
@@ -120,7 +79,7 @@ fn segments_a_real_mri_on_the_input_grid() {
 #[test]
 fn flipped_storage_gives_the_same_segmentation_in_world_space() {
     let dir = tempfile::tempdir().unwrap();
-    let model = example_model(dir.path());
+    let model = example_model(dir.path(), 48);
     let limits = ReadLimits::default();
     let input = t1_2mm();
     let v = nifti_io::read_volume(&input, &limits).unwrap();
@@ -230,7 +189,7 @@ fn foreign_model_without_manifest_runs_with_flags() {
 #[test]
 fn folder_mode_segments_every_volume() {
     let dir = tempfile::tempdir().unwrap();
-    let model = example_model(dir.path());
+    let model = example_model(dir.path(), 48);
     let inbox = dir.path().join("in");
     let outbox = dir.path().join("out");
     std::fs::create_dir_all(&inbox).unwrap();
@@ -254,7 +213,7 @@ fn folder_mode_segments_every_volume() {
 #[test]
 fn bad_inputs_fail_cleanly_without_output() {
     let dir = tempfile::tempdir().unwrap();
-    let model = example_model(dir.path());
+    let model = example_model(dir.path(), 48);
     let bytes = std::fs::read(t1_2mm()).unwrap();
     let truncated = dir.path().join("truncated.nii.gz");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
@@ -345,7 +304,7 @@ fn bad_inputs_fail_cleanly_without_output() {
 #[test]
 fn info_and_plugins_commands() {
     let dir = tempfile::tempdir().unwrap();
-    let model = example_model(dir.path());
+    let model = example_model(dir.path(), 48);
     let r = infl8(&["info", s(&model), "--load"]);
     ok(&r);
     let text = String::from_utf8_lossy(&r.stdout);

