@@ -138,7 +138,12 @@ deb() {
     command -v apt-get >/dev/null ||
       die "apt-get not found: the Debian sources need a Debian-based machine (or pass --no-deb)"
     say "apt-get download $spec"
-    (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$spec" >&2) ||
+    # A fresh machine may have no package lists yet: as root, fetch them once.
+    (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$spec" >&2) || {
+      [ "$(id -u)" = 0 ] && say "apt-get update (package lists missing or stale)" &&
+        apt-get update -q >&2 &&
+        (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$spec" >&2)
+    } ||
       die "could not download $spec with apt-get (run 'apt-get update' first; if that
   version has left the Debian archive, pin the new one in scripts/train-data.sha256)"
     [ -f "$cache/$file" ] || die "apt-get downloaded $spec, but not $(basename "$file")"

@@ -7,5 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/fetch-data.sh --vit
+./scripts/fetch-train-data.sh  # brain T1 + masks: the default model's held-out Dice tests
+./scripts/fetch-ort.sh  # CPU ONNX Runtime for the ort plugin tests (.cache/onnxruntime/cpu/)
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast "$@"

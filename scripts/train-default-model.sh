@@ -21,7 +21,8 @@ done
 
 ./scripts/fetch-data.sh --vit
 ./scripts/fetch-train-data.sh
-cargo build --release -p infl8-trainer
+# The same crate set as the quick start builds, so the two share artifacts.
+cargo build --release -p infl8-trainer -p infl8-cli -p infl8-plugin-tract
 T=./target/release/infl8-train
 config=trainer/configs/brain-mask.toml
 run=.cache/runs/brain-mask

@@ -13,7 +13,7 @@ use infl8_core::plugin::PluginHost;
 use infl8_core::preprocess::{Normalization, PreprocessSpec};
 use infl8_core::preview::{self, PreviewOptions};
 use infl8_core::segment::{SegmentReport, Segmenter};
-use infl8_core::{Backend, LoadOptions};
+use infl8_core::{Backend, Model};
 use tracing::{error, info, warn};
 
 use crate::flags::{ExampleModelArgs, InfoArgs, PluginsArgs, RuntimeArgs, SegmentArgs};
@@ -32,23 +32,14 @@ fn open_host(settings: &Settings) -> PluginHost {
     host
 }
 
-fn backend(settings: &Settings) -> Result<Arc<dyn Backend>> {
+/// The model, loaded on the first backend of the settings' chain that can
+/// (each fallback is logged with its reason).
+fn load_model(settings: &Settings, model: &Path) -> Result<(Arc<dyn Backend>, Box<dyn Model>)> {
     let host = open_host(settings);
-    Ok(host.backend(&settings.backend)?)
-}
-
-fn load_options(settings: &Settings) -> LoadOptions {
-    let threads = if settings.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    } else {
-        settings.threads
-    };
-    LoadOptions {
-        threads,
-        ..LoadOptions::default()
-    }
+    let loaded = host.load_model(&settings.backend_chain(), model, |name| {
+        settings.load_options(name)
+    })?;
+    Ok((loaded.backend, loaded.model))
 }
 
 fn is_nifti(p: &Path) -> bool {
@@ -192,10 +183,7 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
             }
         }
     }
-    let backend = backend(&settings)?;
-    let model = backend
-        .load(&a.model, &load_options(&settings))
-        .with_context(|| format!("backend {}", backend.name()))?;
+    let (backend, model) = load_model(&settings, &a.model)?;
     let (manifest, origin) =
         manifest::resolve(&a.model, model.input(), model.output(), &settings.model)?;
     info!(
@@ -208,9 +196,9 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
     );
     let segmenter = Segmenter {
         model,
-        manifest,
         window_batch: settings.window_batch,
-        largest_component: settings.postprocess.largest_component,
+        postprocess: settings.postprocess.effective(manifest.postprocess),
+        manifest,
     };
     let limits = settings.limits.read_limits();
     let mut reports: Vec<SegmentReport> = Vec::new();
@@ -404,8 +392,7 @@ pub fn info(a: InfoArgs) -> Result<ExitCode> {
     }
     if a.load {
         let settings = settings_for(&a.runtime, &serde_json::Value::Object(a.runtime.layer()))?;
-        let backend = backend(&settings)?;
-        let m = backend.load(&a.model, &load_options(&settings))?;
+        let (backend, m) = load_model(&settings, &a.model)?;
         println!("loaded on {}:", backend.name());
         println!("  input:  {}", m.input());
         println!("  output: {}", m.output());
@@ -472,6 +459,7 @@ pub fn example_manifest(roi: [usize; 3]) -> Manifest {
             target_spacing: Some([2.0, 2.0, 2.0]),
             normalization: Normalization::Percentile { lo: 1.0, hi: 99.0 },
         },
+        postprocess: Default::default(),
     }
 }
 

@@ -17,8 +17,9 @@ pub struct RuntimeArgs {
     /// Settings file (a firmware profile); layered under INFL8_* env and flags.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Backend to run on (see `infl8 plugins`).
-    #[arg(long)]
+    /// Backend to run on (see `infl8 plugins`), or a fallback chain
+    /// `a,b,c`: the first that loads the model runs it.
+    #[arg(long, value_name = "NAME[,NAME...]")]
     pub backend: Option<String>,
     /// Backend worker threads (0 = all cores).
     #[arg(long)]
@@ -74,6 +75,12 @@ pub struct SegmentArgs {
     /// Keep only the largest connected component of each label.
     #[arg(long)]
     pub largest_component: bool,
+    /// Fill background enclosed by one label.
+    #[arg(long)]
+    pub fill_holes: bool,
+    /// Skip the clean-up the model's manifest asks for.
+    #[arg(long)]
+    pub no_model_postprocess: bool,
     /// Also write the blended per-class logits (float32 NIfTI, channel last).
     #[arg(long, value_name = "PATH")]
     pub save_logits: Option<PathBuf>,
@@ -179,8 +186,18 @@ impl SegmentArgs {
         if !model.is_empty() {
             put(&mut top, "model", Value::Object(model));
         }
+        let mut post = serde_json::Map::new();
         if self.largest_component {
-            put(&mut top, "postprocess", json!({"largest_component": true}));
+            put(&mut post, "largest_component", json!(true));
+        }
+        if self.fill_holes {
+            put(&mut post, "fill_holes", json!(true));
+        }
+        if self.no_model_postprocess {
+            put(&mut post, "ignore_model", json!(true));
+        }
+        if !post.is_empty() {
+            put(&mut top, "postprocess", Value::Object(post));
         }
         if let Some(v) = self.max_voxels {
             put(&mut top, "limits", json!({"max_voxels": v}));

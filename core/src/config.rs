@@ -1,11 +1,12 @@
 //! Runtime settings, layered: built-in defaults < config file (a firmware
 //! profile) < `INFL8_*` environment variables < command-line flags.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::LoadOptions;
 use crate::inference::BlendMode;
 use crate::nifti_io::{NonFinite, ReadLimits};
 
@@ -28,8 +29,22 @@ fn source_name(file: &Option<PathBuf>) -> String {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
-    /// Backend to run on (`tract`, `ort-cpu`, a vendor's name...).
+    /// Backend to run on (`tract`, `ort-cpu`, a vendor's name...), or a
+    /// fallback chain written with commas (`"ort-cuda,tract"`): the first
+    /// backend that loads the model runs it. After [`load`], the effective
+    /// chain joined with commas.
     pub backend: String,
+    /// The fallback chain as a list (`["ort-tensorrt", "ort-cuda", "tract"]`).
+    /// `backend` and `backends` are two spellings of one setting: the
+    /// highest layer that gives either decides (a `--backend` flag overrides
+    /// a profile's `backends`); one layer must not give both. After
+    /// [`load`], always the effective chain (never empty).
+    pub backends: Vec<String>,
+    /// Backend-specific load options, by backend name or by family (the
+    /// name up to its first `-`): a backend `ort-cuda` gets the table `ort`,
+    /// overridden key by key by the table `ort-cuda`. Passed to the backend
+    /// as [`LoadOptions::extra`]; e.g. `[backend_options.ort] library = ...`.
+    pub backend_options: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
     /// Worker threads for the backend; 0 = all cores.
     pub threads: usize,
     /// Windows (or slabs) per backend call.
@@ -47,6 +62,8 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             backend: "tract".into(),
+            backends: vec!["tract".into()],
+            backend_options: BTreeMap::new(),
             threads: 0,
             window_batch: 4,
             plugin_dirs: vec![],
@@ -91,6 +108,22 @@ impl Limits {
 pub struct Postprocess {
     /// Keep only the largest 26-connected component of each foreground label.
     pub largest_component: bool,
+    /// Fill background enclosed by one label.
+    pub fill_holes: bool,
+    /// Skip the clean-up the model's manifest asks for (only the steps
+    /// above run).
+    pub ignore_model: bool,
+}
+
+impl Postprocess {
+    /// What runs on a model whose manifest asks for `model`.
+    pub fn effective(&self, model: crate::manifest::Postprocessing) -> crate::manifest::Postprocessing {
+        let own = crate::manifest::Postprocessing {
+            largest_component: self.largest_component,
+            fill_holes: self.fill_holes,
+        };
+        if self.ignore_model { own } else { own.union(model) }
+    }
 }
 
 /// Manifest fields a user can give or override (see [`crate::manifest`]).
@@ -124,33 +157,86 @@ pub fn load(
         file: file.map(Path::to_path_buf),
         message,
     };
-    let defaults =
-        serde_json::to_string(&Settings::default()).map_err(|e| invalid(e.to_string()))?;
-    let mut b = config::Config::builder()
-        .add_source(config::File::from_str(&defaults, config::FileFormat::Json));
-    if let Some(f) = file {
-        if !f.is_file() {
-            return Err(invalid("the file does not exist".into()));
+    let mut defaults =
+        serde_json::to_value(Settings::default()).map_err(|e| invalid(e.to_string()))?;
+    // The defaults give the chain as `backend` only: `backends` is resolved
+    // from the layers that set either key (see `Settings::backends`).
+    if let Some(m) = defaults.as_object_mut() {
+        m.remove("backends");
+    }
+    let mut b = config::Config::builder().add_source(config::File::from_str(
+        &defaults.to_string(),
+        config::FileFormat::Json,
+    ));
+    let file_source = match file {
+        Some(f) => {
+            if !f.is_file() {
+                return Err(invalid("the file does not exist".into()));
+            }
+            Some(config::File::from(f).required(true))
         }
-        b = b.add_source(config::File::from(f).required(true));
+        None => None,
+    };
+    if let Some(src) = &file_source {
+        b = b.add_source(src.clone());
     }
     let mut environment = config::Environment::with_prefix("INFL8")
         .prefix_separator("_")
         .separator("__")
         .list_separator(",")
         .with_list_parse_key("plugin_dirs")
+        .with_list_parse_key("backends")
         .try_parsing(true);
     if let Some(map) = env {
         environment = environment.source(Some(map));
     }
-    b = b.add_source(environment);
+    b = b.add_source(environment.clone());
     b = b.add_source(config::File::from_str(
         &flags.to_string(),
         config::FileFormat::Json,
     ));
     let cfg = b.build().map_err(|e| invalid(e.to_string()))?;
-    let s: Settings = cfg.try_deserialize().map_err(|e| invalid(e.to_string()))?;
+    let mut s: Settings = cfg.try_deserialize().map_err(|e| invalid(e.to_string()))?;
+
+    // Which spelling of the chain the highest layer naming one used.
+    use config::Source;
+    let mut layers: Vec<(&str, Vec<String>)> = Vec::new();
+    if let Some(src) = &file_source {
+        let keys = src.collect().map_err(|e| invalid(e.to_string()))?;
+        layers.push(("the file", keys.into_keys().collect()));
+    }
+    let keys = environment.collect().map_err(|e| invalid(e.to_string()))?;
+    layers.push(("the environment", keys.into_keys().collect()));
+    let flag_keys = flags
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    layers.push(("the command line", flag_keys));
+    let mut from_list = false;
+    for (layer, keys) in layers.iter().rev() {
+        let has = |k: &str| keys.iter().any(|key| key == k);
+        match (has("backend"), has("backends")) {
+            (true, true) => {
+                return Err(invalid(format!(
+                    "backend, backends: {layer} gives both; give the chain once, as \
+                     `backend = \"a,b\"` or `backends = [\"a\", \"b\"]`"
+                )));
+            }
+            (false, false) => continue,
+            (_, list) => {
+                from_list = list;
+                break;
+            }
+        }
+    }
+    let chain = if from_list {
+        s.backends.clone()
+    } else {
+        s.backend.split(',').map(str::to_owned).collect()
+    };
+    s.backends = chain.iter().map(|b| b.trim().to_owned()).collect();
     s.validate().map_err(invalid)?;
+    s.backend = s.backends.join(",");
     Ok(s)
 }
 
@@ -160,9 +246,62 @@ pub fn check_file(file: &Path) -> Result<Settings, ConfigError> {
 }
 
 impl Settings {
+    /// The backends to try, in order (see [`Settings::backends`]).
+    pub fn backend_chain(&self) -> Vec<String> {
+        if self.backends.is_empty() {
+            self.backend
+                .split(',')
+                .map(|b| b.trim().to_owned())
+                .filter(|b| !b.is_empty())
+                .collect()
+        } else {
+            self.backends.clone()
+        }
+    }
+
+    /// What `backend` is loaded with: the thread count (0 = one per core)
+    /// and its [`Settings::backend_options`], family table first.
+    pub fn load_options(&self, backend: &str) -> LoadOptions {
+        let threads = if self.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.threads
+        };
+        let mut extra = serde_json::Map::new();
+        if let Some((family, _)) = backend.split_once('-')
+            && let Some(table) = self.backend_options.get(family)
+        {
+            extra.extend(table.clone());
+        }
+        if let Some(table) = self.backend_options.get(backend) {
+            extra.extend(table.clone());
+        }
+        LoadOptions { threads, extra }
+    }
+
     fn validate(&self) -> Result<(), String> {
-        if self.backend.trim().is_empty() {
-            return Err("backend: must not be empty".into());
+        let key = if self.backends.len() > 1 {
+            "backends"
+        } else {
+            "backend"
+        };
+        if self.backends.is_empty() || self.backends.iter().all(|b| b.is_empty()) {
+            return Err(format!("{key}: must name at least one backend"));
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if b.is_empty() {
+                return Err(format!(
+                    "{key}: entry {} of {:?} is empty",
+                    i + 1,
+                    self.backends
+                ));
+            }
+            if self.backends[..i].contains(b) {
+                return Err(format!("{key}: `{b}` appears twice in {:?}", self.backends));
+            }
+        }
+        if let Some(name) = self.backend_options.keys().find(|k| k.trim().is_empty()) {
+            return Err(format!("backend_options: `{name}` is not a backend name"));
         }
         if self.window_batch == 0 {
             return Err("window_batch: must be at least 1".into());
@@ -273,6 +412,111 @@ mod tests {
         assert_eq!(
             s.plugin_dirs,
             vec![PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+    }
+
+    #[test]
+    fn a_backend_chain_from_either_key() {
+        let s = load(None, env(&[]), &json!({})).unwrap();
+        assert_eq!(s.backend_chain(), ["tract"]);
+        assert_eq!(s.backend, "tract");
+
+        let s = load(None, env(&[]), &json!({"backend": "ort-cuda, tract"})).unwrap();
+        assert_eq!(s.backends, ["ort-cuda", "tract"]);
+        assert_eq!(s.backend, "ort-cuda,tract");
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.toml");
+        std::fs::write(&f, "backends = [\"ort-tensorrt\", \"ort-cuda\", \"tract\"]\n").unwrap();
+        let s = check_file(&f).unwrap();
+        assert_eq!(s.backend_chain(), ["ort-tensorrt", "ort-cuda", "tract"]);
+        assert_eq!(s.backend, "ort-tensorrt,ort-cuda,tract");
+
+        // A higher layer's `backend` replaces a lower layer's `backends`, and
+        // the other way round.
+        let s = load(Some(&f), env(&[]), &json!({"backend": "ort-cpu"})).unwrap();
+        assert_eq!(s.backend_chain(), ["ort-cpu"]);
+        let s = load(Some(&f), env(&[("INFL8_BACKEND", "tract")]), &json!({})).unwrap();
+        assert_eq!(s.backend_chain(), ["tract"]);
+        std::fs::write(&f, "backend = \"tract\"\n").unwrap();
+        let s = load(Some(&f), env(&[("INFL8_BACKENDS", "ort-cuda,tract")]), &json!({})).unwrap();
+        assert_eq!(s.backend_chain(), ["ort-cuda", "tract"]);
+        // Neither key anywhere: the default.
+        std::fs::write(&f, "threads = 2\n").unwrap();
+        let s = check_file(&f).unwrap();
+        assert_eq!(s.backend_chain(), ["tract"]);
+    }
+
+    #[test]
+    fn bad_chains_are_errors_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.toml");
+        std::fs::write(&f, "backend = \"tract\"\nbackends = [\"tract\"]\n").unwrap();
+        let e = check_file(&f).unwrap_err().to_string();
+        assert!(e.contains("gives both") && e.contains("p.toml"), "{e}");
+
+        for (flags, want) in [
+            (json!({"backend": ""}), "backend: must name"),
+            (json!({"backend": "ort-cuda,,tract"}), "entry 2"),
+            (json!({"backends": ["tract", "tract"]}), "`tract` appears twice"),
+            (json!({"backends": []}), "must name at least one backend"),
+        ] {
+            let e = load(None, env(&[]), &flags).unwrap_err().to_string();
+            assert!(e.contains(want), "{flags}: {e}");
+        }
+    }
+
+    #[test]
+    fn backend_options_by_family_then_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.toml");
+        std::fs::write(
+            &f,
+            "backends = [\"ort-tensorrt\", \"tract\"]\nthreads = 3\n\
+             [backend_options.ort]\nlibrary = \"/opt/ort/libonnxruntime.so\"\ntrt_fp16 = false\n\
+             [backend_options.ort-tensorrt]\ntrt_fp16 = true\ntrt_engine_cache_dir = \"/var/cache/trt\"\n",
+        )
+        .unwrap();
+        let s = load(
+            Some(&f),
+            env(&[("INFL8_BACKEND_OPTIONS__ORT__DEVICE_ID", "1")]),
+            &json!({}),
+        )
+        .unwrap();
+        let trt = s.load_options("ort-tensorrt");
+        assert_eq!(trt.threads, 3);
+        assert_eq!(
+            serde_json::Value::Object(trt.extra),
+            json!({
+                "library": "/opt/ort/libonnxruntime.so",
+                "device_id": 1,
+                "trt_fp16": true,
+                "trt_engine_cache_dir": "/var/cache/trt",
+            })
+        );
+        let cpu = s.load_options("ort-cpu");
+        assert_eq!(cpu.extra["trt_fp16"], json!(false));
+        assert!(s.load_options("tract").extra.is_empty());
+    }
+
+    #[test]
+    fn shipped_profiles_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let s = check_file(&path).unwrap_or_else(|e| panic!("{e}"));
+                assert!(!s.backend_chain().is_empty());
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "profiles found in {}: {n}", dir.display());
+        let jetson = check_file(&dir.join("jetson-orin.toml")).unwrap();
+        assert_eq!(jetson.backend_chain(), ["ort-tensorrt", "ort-cuda", "tract"]);
+        assert_eq!(
+            jetson.load_options("ort-tensorrt").extra["trt_fp16"],
+            serde_json::json!(true)
         );
     }
 }

@@ -66,6 +66,34 @@ pub struct Manifest {
     pub inference: InferenceMode,
     #[serde(default)]
     pub preprocess: PreprocessSpec,
+    /// Clean-up the model was validated with; the runtime applies it unless
+    /// told otherwise (`--no-postprocess`). Absent means none.
+    #[serde(default, skip_serializing_if = "Postprocessing::is_none")]
+    pub postprocess: Postprocessing,
+}
+
+/// Label-map clean-up after the argmax, on the input's grid.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Postprocessing {
+    /// Keep each label's largest 26-connected component.
+    pub largest_component: bool,
+    /// Fill background enclosed by one label (ventricles in a brain mask).
+    pub fill_holes: bool,
+}
+
+impl Postprocessing {
+    pub fn is_none(&self) -> bool {
+        *self == Postprocessing::default()
+    }
+
+    /// Both steps wanted by either side.
+    pub fn union(self, other: Postprocessing) -> Postprocessing {
+        Postprocessing {
+            largest_component: self.largest_component || other.largest_component,
+            fill_holes: self.fill_holes || other.fill_holes,
+        }
+    }
 }
 
 fn format_v1() -> u32 {
@@ -345,6 +373,7 @@ fn from_settings(
         labels,
         inference,
         preprocess: PreprocessSpec::default(),
+        postprocess: Postprocessing::default(),
     })
 }
 

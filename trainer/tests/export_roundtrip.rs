@@ -52,6 +52,7 @@ fn spec() -> RuntimeSpec {
             normalization: Normalization::Zscore { nonzero: true },
         },
         overlap: 0.25,
+        postprocess: Default::default(),
     }
 }
 

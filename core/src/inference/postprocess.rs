@@ -130,6 +130,136 @@ fn keep_largest(labels: &mut Array3<u8>, selected: &[bool; 256]) {
     }
 }
 
+/// Fills the holes of every foreground label `1..num_labels`: background
+/// (0) voxels that no 6-connected background path links to the volume's
+/// border become the label that encloses them; then the same within every
+/// 2D slice along each of the three axes. A brain mask then keeps its
+/// ventricles, which are dark on T1 but inside the brain: in 3D they may
+/// reach the outside through a thin gap (the fourth ventricle's exits),
+/// within a slice they are enclosed. A background region touching two
+/// labels (in 3D, or within the slice) is left alone: its owner is
+/// ambiguous.
+pub fn fill_holes_per_label(labels: &mut Array3<u8>, num_labels: usize) {
+    let dims = labels.dim();
+    let num_labels = num_labels.min(256) as u16;
+    let mut standard = labels.as_standard_layout().into_owned();
+    if let Some(data) = standard.as_slice_mut() {
+        fill_holes_in(data, dims, num_labels);
+    }
+    let mut slice = Vec::new();
+    for axis in 0..3 {
+        for i in 0..standard.len_of(Axis(axis)) {
+            let mut view = standard.index_axis_mut(Axis(axis), i);
+            let (a, b) = view.dim();
+            slice.clear();
+            slice.extend(view.iter().copied());
+            fill_holes_in(&mut slice, (a, b, 1), num_labels);
+            for (dst, &src) in view.iter_mut().zip(&slice) {
+                *dst = src;
+            }
+        }
+    }
+    labels.assign(&standard);
+}
+
+fn fill_holes_in(data: &mut [u8], (nx, ny, nz): (usize, usize, usize), num_labels: u16) {
+    if data.is_empty() {
+        return;
+    }
+    let idx = |x: usize, y: usize, z: usize| (x * ny + y) * nz + z;
+    let neighbours = |v: usize| {
+        let (x, y, z) = (v / (ny * nz), (v / nz) % ny, v % nz);
+        let mut n = [usize::MAX; 6];
+        if x > 0 {
+            n[0] = idx(x - 1, y, z);
+        }
+        if x + 1 < nx {
+            n[1] = idx(x + 1, y, z);
+        }
+        if y > 0 {
+            n[2] = idx(x, y - 1, z);
+        }
+        if y + 1 < ny {
+            n[3] = idx(x, y + 1, z);
+        }
+        if z > 0 {
+            n[4] = idx(x, y, z - 1);
+        }
+        if z + 1 < nz {
+            n[5] = idx(x, y, z + 1);
+        }
+        n
+    };
+    // Background reachable from the border is "outside".
+    let mut outside = BitSet::new(data.len());
+    let mut stack = Vec::new();
+    for x in 0..nx {
+        for y in 0..ny {
+            for z in 0..nz {
+                // An axis of length 1 has no outside: a single slice is
+                // filled as the 2D image it is.
+                let on_border = (nx > 1 && (x == 0 || x + 1 == nx))
+                    || (ny > 1 && (y == 0 || y + 1 == ny))
+                    || (nz > 1 && (z == 0 || z + 1 == nz));
+                let v = idx(x, y, z);
+                if on_border && data[v] == 0 && !outside.get(v) {
+                    outside.set(v);
+                    stack.push(v);
+                }
+            }
+        }
+    }
+    while let Some(v) = stack.pop() {
+        for u in neighbours(v) {
+            if u != usize::MAX && data[u] == 0 && !outside.get(u) {
+                outside.set(u);
+                stack.push(u);
+            }
+        }
+    }
+    // Each enclosed background region goes to the one label around it.
+    let mut seen = outside;
+    let mut region = Vec::new();
+    for v in 0..data.len() {
+        if data[v] != 0 || seen.get(v) {
+            continue;
+        }
+        region.clear();
+        let mut owner: Option<u8> = None;
+        let mut ambiguous = false;
+        seen.set(v);
+        stack.push(v);
+        while let Some(w) = stack.pop() {
+            region.push(w);
+            for u in neighbours(w) {
+                if u == usize::MAX {
+                    continue;
+                }
+                match data[u] {
+                    0 => {
+                        if !seen.get(u) {
+                            seen.set(u);
+                            stack.push(u);
+                        }
+                    }
+                    l if u16::from(l) < num_labels => match owner {
+                        None => owner = Some(l),
+                        Some(o) if o != l => ambiguous = true,
+                        Some(_) => {}
+                    },
+                    // A label the model does not have: not ours to fill.
+                    _ => ambiguous = true,
+                }
+            }
+        }
+        if let (Some(label), false) = (owner, ambiguous) {
+            for &w in &region {
+                data[w] = label;
+            }
+        }
+    }
+}
+
 /// The flood fills work on linear indices of a C-order `[X, Y, Z]` buffer,
 /// with one bit per voxel and an explicit stack: no recursion, memory linear
 /// in the volume at worst.
@@ -349,6 +479,90 @@ mod tests {
         labels
             .slice_mut(s![from[0]..to[0], from[1]..to[1], from[2]..to[2]])
             .fill(label);
+    }
+
+    #[test]
+    fn fill_holes_fills_enclosed_background_only() {
+        // A hollow 5x5x5 cube of label 1 with a 3x3x3 hole, and a notch
+        // open to the outside that must stay background.
+        let mut labels = Array3::<u8>::zeros((7, 7, 7));
+        for x in 1..6 {
+            for y in 1..6 {
+                for z in 1..6 {
+                    labels[[x, y, z]] = 1;
+                }
+            }
+        }
+        for x in 2..5 {
+            for y in 2..5 {
+                for z in 2..5 {
+                    labels[[x, y, z]] = 0;
+                }
+            }
+        }
+        labels[[1, 3, 3]] = 0;
+        labels[[0, 3, 3]] = 0;
+        // Open to the border in 3D, enclosed within the slices through it
+        // (like ventricles and the fourth ventricle's exits): filled.
+        let mut open = labels.clone();
+        fill_holes_per_label(&mut open, 2);
+        assert_eq!(open[[3, 3, 3]], 1);
+        assert_eq!(open[[1, 3, 3]], 1);
+        assert_eq!(open[[0, 3, 3]], 0, "the border stays background");
+
+        labels[[1, 3, 3]] = 1;
+        let mut closed = labels.clone();
+        fill_holes_per_label(&mut closed, 2);
+        assert_eq!(closed[[3, 3, 3]], 1);
+        assert_eq!(closed.iter().filter(|&&l| l == 1).count(), 125);
+        assert_eq!(closed[[0, 0, 0]], 0);
+    }
+
+    #[test]
+    fn fill_holes_keeps_a_slot_open_to_the_outside_in_every_slice() {
+        let mut labels = Array3::<u8>::zeros((6, 6, 6));
+        blob(&mut labels, [1, 1, 1], [5, 5, 5], 1);
+        for y in 1..5 {
+            labels[[3, y, 3]] = 0;
+            labels[[3, y, 4]] = 0;
+        }
+        let mut filled = labels.clone();
+        fill_holes_per_label(&mut filled, 2);
+        assert_eq!(filled, labels);
+    }
+
+    #[test]
+    fn fill_holes_fills_the_lumen_of_a_tube_open_at_both_ends() {
+        let mut labels = Array3::<u8>::zeros((7, 7, 5));
+        blob(&mut labels, [1, 1, 0], [6, 6, 5], 1);
+        for x in 2..5 {
+            for y in 2..5 {
+                for z in 0..5 {
+                    labels[[x, y, z]] = 0;
+                }
+            }
+        }
+        fill_holes_per_label(&mut labels, 2);
+        assert!((2..5).all(|x| (2..5).all(|y| (0..5).all(|z| labels[[x, y, z]] == 1))));
+        assert_eq!(labels[[0, 0, 0]], 0);
+    }
+
+    #[test]
+    fn fill_holes_leaves_regions_between_two_labels() {
+        let mut labels = Array3::<u8>::from_elem((5, 5, 3), 1);
+        for x in 0..5 {
+            for z in 0..3 {
+                labels[[x, 4, z]] = 2;
+            }
+        }
+        // Touches 1 and 2 in 3D and within each slice through it.
+        labels[[2, 3, 1]] = 0;
+        labels[[2, 3, 2]] = 2;
+        labels[[2, 1, 1]] = 0; // inside 1 only
+        let mut filled = labels.clone();
+        fill_holes_per_label(&mut filled, 3);
+        assert_eq!(filled[[2, 3, 1]], 0);
+        assert_eq!(filled[[2, 1, 1]], 1);
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - [`PluginHost`]: finds `libinfl8_*.so` (platform suffix) in its search
 //!   directories, loads them with `libloading`, checks their ABI version and
 //!   hands out their backends as ordinary [`crate::Backend`]s.
+//! - [`PluginHost::load_model`]: loads a model on the first backend of a
+//!   fallback chain that can, logging each fallback ([`load_with_fallback`]).
 //! - [`export_plugin!`](crate::export_plugin): turns a list of Rust
 //!   [`crate::Backend`]s into a plugin library; [`export`] holds the glue.
 //!
@@ -27,10 +29,12 @@
 //! ```
 
 pub mod abi;
+mod chain;
 pub mod export;
 mod host;
 
 pub use abi::{INFL8_ABI_MAJOR, INFL8_ABI_MINOR, INFL8_ABI_VERSION};
+pub use chain::{BackendFailure, ChainError, ChainLoad, load_with_fallback};
 pub use host::{BackendInfo, PluginError, PluginHost, PluginSummary};
 
 use std::any::TypeId;

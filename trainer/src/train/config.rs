@@ -16,6 +16,10 @@ pub struct TrainConfig {
     pub model: ModelConfig,
     #[serde(default)]
     pub preprocess: PreprocessSpec,
+    /// Label clean-up recorded in the manifest; validation applies it too,
+    /// so the reported Dice is what `infl8 segment` users get.
+    #[serde(default)]
+    pub postprocess: infl8_core::manifest::Postprocessing,
     pub train: LoopConfig,
 }
 
@@ -28,6 +32,11 @@ pub struct DataConfig {
     pub validation_fraction: f64,
     #[serde(default)]
     pub split_seed: u64,
+    /// Case ids held out for validation, instead of a seeded random
+    /// fraction: with a few related cases (templates built from
+    /// overlapping subjects) the held-out ones must be chosen, not drawn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validation_cases: Vec<String>,
 }
 
 fn default_val_fraction() -> f64 {

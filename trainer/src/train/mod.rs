@@ -122,9 +122,9 @@ fn validate(
     let classes = model.config.classes;
     let segmenter = Segmenter {
         model: Box::new(BurnModel::new(model.clone(), device.clone())),
-        manifest,
         window_batch: 4,
-        largest_component: false,
+        postprocess: manifest.postprocess,
+        manifest,
     };
     let mut per_volume = Vec::new();
     let mut all = Vec::new();
@@ -306,6 +306,27 @@ fn load_snapshot(out: &Path, device: &Device) -> Result<Option<Snapshot>, TrainE
     Ok(Some((model, record, state)))
 }
 
+/// Holds out the named cases; every name must exist, so a typo cannot
+/// silently train on the validation subject.
+fn split_by_id(
+    cases: &[Case],
+    names: &[String],
+    dir: &Path,
+) -> Result<(Vec<Case>, Vec<Case>), TrainError> {
+    if let Some(missing) = names.iter().find(|n| !cases.iter().any(|c| &c.id == *n)) {
+        let known: Vec<&str> = cases.iter().map(|c| c.id.as_str()).collect();
+        return Err(TrainError::Other(format!(
+            "{}: data.validation_cases names {missing:?}, which is not a case (cases: {})",
+            dir.display(),
+            known.join(", ")
+        )));
+    }
+    Ok(cases
+        .iter()
+        .cloned()
+        .partition(|c| !names.contains(&c.id)))
+}
+
 fn run(
     cfg: &TrainConfig,
     device: &Device,
@@ -319,11 +340,15 @@ fn run(
 
     // Data: the same preprocessing code as inference.
     let dataset = open_dataset(&cfg.data.dir)?;
-    let (train_cases, val_cases) = split(
-        dataset.cases(),
-        cfg.data.validation_fraction,
-        cfg.data.split_seed,
-    );
+    let (train_cases, val_cases) = if cfg.data.validation_cases.is_empty() {
+        split(
+            dataset.cases(),
+            cfg.data.validation_fraction,
+            cfg.data.split_seed,
+        )
+    } else {
+        split_by_id(dataset.cases(), &cfg.data.validation_cases, &cfg.data.dir)?
+    };
     if train_cases.is_empty() {
         return Err(TrainError::Other(format!(
             "{}: no training cases after the split",
@@ -386,6 +411,7 @@ fn run(
         labels: labels.clone(),
         preprocess: cfg.preprocess.clone(),
         overlap: 0.5,
+        postprocess: cfg.postprocess,
     };
     let manifest = manifest_for(&model, &spec).map_err(TrainError::Other)?;
 

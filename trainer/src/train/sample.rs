@@ -4,11 +4,13 @@
 //! target `[K, X, Y, Z]`).
 //!
 //! Augmentation is one in-plane resampling per window: random zoom (crop
-//! scale), flips and rot90 compose into one affine map from output to source
-//! pixels, so images are interpolated once (bilinear) and labels taken by
+//! scale), a small rotation, flips and rot90 compose into one affine map
+//! from output to source pixels, so images are interpolated once (bilinear) and labels taken by
 //! nearest neighbour. Slices are never interpolated: the slab's geometry is
 //! what the model sees at inference. Out-of-volume pixels are 0 in the image
-//! (the runtime's pad value) and background in the label.
+//! (the runtime's pad value) and background in the label. The intensity
+//! augmentations (scale and shift, a smooth multiplicative bias field,
+//! Gaussian noise) mimic what separates one scanner's T1 from another's.
 
 use ndarray::{Array3, Array4};
 use serde::{Deserialize, Serialize};
@@ -50,6 +52,14 @@ impl Rng {
     pub fn below(&mut self, n: usize) -> usize {
         (self.uniform() * n as f64) as usize % n.max(1)
     }
+
+    /// Standard normal (Box-Muller; one draw of the pair is dropped so the
+    /// whole state stays one u64).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.uniform(); // (0, 1]
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -63,6 +73,13 @@ pub struct Augment {
     pub intensity_shift: f64,
     /// Crop scale range: the window covers `roi * z` source pixels.
     pub zoom: [f64; 2],
+    /// Largest in-plane rotation, degrees (uniform in `± rotate`).
+    pub rotate: f64,
+    /// Bias field: intensities times `exp(gx u + gy v)` over the window
+    /// (u, v in `[-0.5, 0.5]`), gx and gy uniform in `± bias_field`.
+    pub bias_field: f64,
+    /// Additive Gaussian noise, sd uniform in `[0, noise]` per window.
+    pub noise: f64,
 }
 
 impl Default for Augment {
@@ -73,6 +90,9 @@ impl Default for Augment {
             intensity_scale: 0.1,
             intensity_shift: 0.1,
             zoom: [0.85, 1.15],
+            rotate: 0.0,
+            bias_field: 0.0,
+            noise: 0.0,
         }
     }
 }
@@ -85,6 +105,9 @@ impl Augment {
             intensity_scale: 0.0,
             intensity_shift: 0.0,
             zoom: [1.0, 1.0],
+            rotate: 0.0,
+            bias_field: 0.0,
+            noise: 0.0,
         }
     }
 }
@@ -178,11 +201,35 @@ impl Sampler {
         } else {
             0.0
         };
+        // Drawn only when enabled, so configs without them keep their
+        // random stream (and their results) unchanged.
+        let angle = if a.rotate > 0.0 {
+            rng.range(-a.rotate, a.rotate).to_radians()
+        } else {
+            0.0
+        };
+        let (sin, cos) = angle.sin_cos();
+        let (gx, gy) = if a.bias_field > 0.0 {
+            (
+                rng.range(-a.bias_field, a.bias_field),
+                rng.range(-a.bias_field, a.bias_field),
+            )
+        } else {
+            (0.0, 0.0)
+        };
+        let noise_sd = if a.noise > 0.0 {
+            rng.range(0.0, a.noise)
+        } else {
+            0.0
+        };
 
         // Output pixel (i, j) -> source (sx, sy): centre, rotate, flip, zoom.
         let map = |i: usize, j: usize| -> (f64, f64) {
             let mut u = i as f64 + 0.5 - rx as f64 / 2.0;
             let mut v = j as f64 + 0.5 - ry as f64 / 2.0;
+            if angle != 0.0 {
+                (u, v) = (u * cos - v * sin, u * sin + v * cos);
+            }
             for _ in 0..turns {
                 (u, v) = (-v, u);
             }
@@ -223,13 +270,24 @@ impl Sampler {
         for i in 0..rx {
             for j in 0..ry {
                 let (sx, sy) = map(i, j);
+                let bias = if gx != 0.0 || gy != 0.0 {
+                    (gx * ((i as f64 + 0.5) / rx as f64 - 0.5)
+                        + gy * ((j as f64 + 0.5) / ry as f64 - 0.5))
+                        .exp()
+                } else {
+                    1.0
+                };
                 for (d, &z) in in_slices.iter().enumerate() {
                     if z < 0 || z >= nz as i64 {
                         continue;
                     }
                     for ch in 0..c {
                         let v = bilinear(&case.image, ch, sx, sy, z as usize);
-                        let v = (f64::from(v) * scale + shift) as f32;
+                        let mut v = (f64::from(v) * scale + shift) * bias;
+                        if noise_sd > 0.0 {
+                            v += noise_sd * rng.normal();
+                        }
+                        let v = v as f32;
                         let idx = if slab {
                             ((ch * in_d + d) * rx + i) * ry + j
                         } else {
@@ -365,6 +423,46 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn rotated_and_noisy_windows_keep_labels_on_their_structures() {
+        // A half-plane x >= 8 of intensity 1 and label 1.
+        let image = Array4::from_shape_fn((1, 16, 12, 6), |(_, x, _, _)| f32::from(x >= 8));
+        let label = Array3::from_shape_fn((16, 12, 6), |(x, _, _)| u8::from(x >= 8));
+        let c = TrainCase::new("half".into(), image, label);
+        let mut s = sampler(ModelShape::Slab { depth: 1 });
+        s.roi = [8, 8];
+        s.augment = Augment {
+            rotate: 30.0,
+            noise: 0.05,
+            bias_field: 0.2,
+            ..Augment::none()
+        };
+        let mut rng = Rng::new(5);
+        let (mut agree, mut total, mut tilted) = (0, 0, 0);
+        for _ in 0..100 {
+            let smp = s.sample(&c, &mut rng);
+            for p in 0..64 {
+                let fg = smp.y[64 + p] == 1.0;
+                total += 1;
+                agree += usize::from((smp.x[p] > 0.5) == fg);
+            }
+            // A rotated edge crosses window rows at different columns.
+            let edge = |row: usize| (0..8).find(|&j| smp.y[64 + row * 8 + j] == 1.0);
+            tilted += usize::from(edge(0) != edge(7));
+        }
+        assert!(agree as f64 / total as f64 > 0.97, "{agree}/{total}");
+        assert!(tilted > 0, "no window was rotated");
+    }
+
+    #[test]
+    fn normal_draws_have_unit_variance() {
+        let mut rng = Rng::new(11);
+        let v: Vec<f64> = (0..20_000).map(|_| rng.normal()).collect();
+        let m = v.iter().sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len() as f64;
+        assert!(m.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {m} var {var}");
     }
 
     #[test]
