@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use infl8_core::backend::{LoadOptions, Model};
+use infl8_core::backend::LoadOptions;
 use infl8_core::nifti_io::{self, ReadLimits};
 use infl8_core::plugin::PluginHost;
 use infl8_onnx::builder::{Attr, Dim as OnnxDim, GraphBuilder};
