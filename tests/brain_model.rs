@@ -43,10 +43,17 @@ fn segment_case(id: &str, dir: &Path) -> f64 {
     let limits = ReadLimits::default();
     let vin = nifti_io::read_volume(&image, &limits).unwrap();
     let vout = nifti_io::read_volume(&out, &limits).unwrap();
-    assert_eq!(vout.dims(), vin.dims(), "{id}: the mask is on the input grid");
+    assert_eq!(
+        vout.dims(),
+        vin.dims(),
+        "{id}: the mask is on the input grid"
+    );
     assert!((vout.affine - vin.affine).abs().max() < 1e-5, "{id}");
     let png = std::fs::read(&preview).unwrap();
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{id}: preview is a PNG");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "{id}: preview is a PNG"
+    );
     dice(&out, &label)
 }
 

@@ -100,7 +100,13 @@ fn attention_model(dir: &Path) -> std::path::PathBuf {
     let n = OnnxDim::Symbolic("batch");
     let x = g.input(
         "image",
-        &[n.clone(), OnnxDim::Fixed(1), OnnxDim::Fixed(8), OnnxDim::Fixed(8), OnnxDim::Fixed(8)],
+        &[
+            n.clone(),
+            OnnxDim::Fixed(1),
+            OnnxDim::Fixed(8),
+            OnnxDim::Fixed(8),
+            OnnxDim::Fixed(8),
+        ],
     );
     let w1 = g.weight("patch_w", &[c, 1, 2, 2, 2], &values(64, 1, -0.5, 0.5));
     let b1 = g.weight("patch_b", &[c], &values(8, 2, -0.1, 0.1));
@@ -114,7 +120,11 @@ fn attention_model(dir: &Path) -> std::path::PathBuf {
     );
     let flat_shape = g.weight_i64("flat_shape", &[3], &[0, c, tokens]);
     let flat = g.node("Reshape", &[&conv, &flat_shape], vec![]);
-    let tok = g.node("Transpose", &[&flat], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+    let tok = g.node(
+        "Transpose",
+        &[&flat],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    );
     let gamma = g.weight("ln_g", &[c], &values(8, 3, 0.5, 1.5));
     let beta = g.weight("ln_b", &[c], &values(8, 4, -0.2, 0.2));
     let ln = g.node(
@@ -129,14 +139,22 @@ fn attention_model(dir: &Path) -> std::path::PathBuf {
     let q = proj(&mut g, "wq", 5);
     let k = proj(&mut g, "wk", 6);
     let v = proj(&mut g, "wv", 7);
-    let kt = g.node("Transpose", &[&k], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+    let kt = g.node(
+        "Transpose",
+        &[&k],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    );
     let scores = g.node("MatMul", &[&q, &kt], vec![]);
     let scale = g.weight("scale", &[1], &[1.0 / (c as f32).sqrt()]);
     let scaled = g.node("Mul", &[&scores, &scale], vec![]);
     let attn = g.node("Softmax", &[&scaled], vec![("axis", Attr::Int(-1))]);
     let mixed = g.node("MatMul", &[&attn, &v], vec![]);
     let res = g.node("Add", &[&tok, &mixed], vec![]);
-    let back = g.node("Transpose", &[&res], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+    let back = g.node(
+        "Transpose",
+        &[&res],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    );
     let grid_shape = g.weight_i64("grid_shape", &[5], &[0, c, 4, 4, 4]);
     let grid = g.node("Reshape", &[&back, &grid_shape], vec![]);
     let w2 = g.weight("head_w", &[c, 2, 2, 2, 2], &values(128, 8, -0.5, 0.5));
@@ -152,7 +170,13 @@ fn attention_model(dir: &Path) -> std::path::PathBuf {
     g.rename_last_output("logits");
     g.output(
         "logits",
-        &[n, OnnxDim::Fixed(2), OnnxDim::Fixed(8), OnnxDim::Fixed(8), OnnxDim::Fixed(8)],
+        &[
+            n,
+            OnnxDim::Fixed(2),
+            OnnxDim::Fixed(8),
+            OnnxDim::Fixed(8),
+            OnnxDim::Fixed(8),
+        ],
     );
     let path = dir.join("attention.onnx");
     infl8_onnx::write_model(&g.finish("infl8 tests"), &path).unwrap();
@@ -225,7 +249,11 @@ fn failed_cleanly(out: &std::process::Output, output_file: &Path) -> String {
     let err = stderr(out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    assert!(!output_file.exists(), "{} was written", output_file.display());
+    assert!(
+        !output_file.exists(),
+        "{} was written",
+        output_file.display()
+    );
     err
 }
 
@@ -255,7 +283,9 @@ fn a_missing_or_broken_onnx_runtime_is_a_clear_error() {
     let missing = dir.path().join("nowhere/libonnxruntime.so");
     let err = failed_cleanly(&segment(&missing), &out);
     assert!(
-        err.contains(s(&missing)) && err.contains("does not exist") && err.contains("ORT_DYLIB_PATH"),
+        err.contains(s(&missing))
+            && err.contains("does not exist")
+            && err.contains("ORT_DYLIB_PATH"),
         "{err}"
     );
 

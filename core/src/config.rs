@@ -117,12 +117,19 @@ pub struct Postprocess {
 
 impl Postprocess {
     /// What runs on a model whose manifest asks for `model`.
-    pub fn effective(&self, model: crate::manifest::Postprocessing) -> crate::manifest::Postprocessing {
+    pub fn effective(
+        &self,
+        model: crate::manifest::Postprocessing,
+    ) -> crate::manifest::Postprocessing {
         let own = crate::manifest::Postprocessing {
             largest_component: self.largest_component,
             fill_holes: self.fill_holes,
         };
-        if self.ignore_model { own } else { own.union(model) }
+        if self.ignore_model {
+            own
+        } else {
+            own.union(model)
+        }
     }
 }
 
@@ -427,7 +434,11 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("p.toml");
-        std::fs::write(&f, "backends = [\"ort-tensorrt\", \"ort-cuda\", \"tract\"]\n").unwrap();
+        std::fs::write(
+            &f,
+            "backends = [\"ort-tensorrt\", \"ort-cuda\", \"tract\"]\n",
+        )
+        .unwrap();
         let s = check_file(&f).unwrap();
         assert_eq!(s.backend_chain(), ["ort-tensorrt", "ort-cuda", "tract"]);
         assert_eq!(s.backend, "ort-tensorrt,ort-cuda,tract");
@@ -439,7 +450,12 @@ mod tests {
         let s = load(Some(&f), env(&[("INFL8_BACKEND", "tract")]), &json!({})).unwrap();
         assert_eq!(s.backend_chain(), ["tract"]);
         std::fs::write(&f, "backend = \"tract\"\n").unwrap();
-        let s = load(Some(&f), env(&[("INFL8_BACKENDS", "ort-cuda,tract")]), &json!({})).unwrap();
+        let s = load(
+            Some(&f),
+            env(&[("INFL8_BACKENDS", "ort-cuda,tract")]),
+            &json!({}),
+        )
+        .unwrap();
         assert_eq!(s.backend_chain(), ["ort-cuda", "tract"]);
         // Neither key anywhere: the default.
         std::fs::write(&f, "threads = 2\n").unwrap();
@@ -458,7 +474,10 @@ mod tests {
         for (flags, want) in [
             (json!({"backend": ""}), "backend: must name"),
             (json!({"backend": "ort-cuda,,tract"}), "entry 2"),
-            (json!({"backends": ["tract", "tract"]}), "`tract` appears twice"),
+            (
+                json!({"backends": ["tract", "tract"]}),
+                "`tract` appears twice",
+            ),
             (json!({"backends": []}), "must name at least one backend"),
         ] {
             let e = load(None, env(&[]), &flags).unwrap_err().to_string();
@@ -513,7 +532,10 @@ mod tests {
         }
         assert!(n >= 3, "profiles found in {}: {n}", dir.display());
         let jetson = check_file(&dir.join("jetson-orin.toml")).unwrap();
-        assert_eq!(jetson.backend_chain(), ["ort-tensorrt", "ort-cuda", "tract"]);
+        assert_eq!(
+            jetson.backend_chain(),
+            ["ort-tensorrt", "ort-cuda", "tract"]
+        );
         assert_eq!(
             jetson.load_options("ort-tensorrt").extra["trt_fp16"],
             serde_json::json!(true)

@@ -10,7 +10,8 @@ pub mod slab;
 pub mod sliding_window;
 
 pub use postprocess::{
-    argmax, fill_holes_per_label, keep_largest_component_per_label, largest_component, softmax_inplace,
+    argmax, fill_holes_per_label, keep_largest_component_per_label, largest_component,
+    softmax_inplace,
 };
 pub use slab::Slab;
 pub use sliding_window::{

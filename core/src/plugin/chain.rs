@@ -84,12 +84,12 @@ pub fn load_with_fallback(
 ) -> Result<ChainLoad, ChainError> {
     let mut failures: Vec<BackendFailure> = Vec::new();
     for (i, name) in chain.iter().enumerate() {
-        let attempt = lookup(name)
-            .map_err(|e| e.to_string())
-            .and_then(|backend| match backend.load(model, &options(name)) {
+        let attempt = lookup(name).map_err(|e| e.to_string()).and_then(|backend| {
+            match backend.load(model, &options(name)) {
                 Ok(m) => Ok((backend, m)),
                 Err(e) => Err(e.to_string()),
-            });
+            }
+        });
         match attempt {
             Ok((backend, m)) => {
                 return Ok(ChainLoad {
@@ -232,7 +232,11 @@ mod tests {
         let tried: Vec<&str> = got.fell_back.iter().map(|f| f.backend.as_str()).collect();
         assert_eq!(tried, ["ort-tensorrt", "vendor-npu", "ort-cuda"]);
         assert!(got.fell_back[0].reason.contains("libnvinfer.so.10"));
-        assert!(got.fell_back[1].reason.contains("no backend named `vendor-npu`"));
+        assert!(
+            got.fell_back[1]
+                .reason
+                .contains("no backend named `vendor-npu`")
+        );
         assert!(got.fell_back[2].reason.contains("no CUDAExecutionProvider"));
     }
 

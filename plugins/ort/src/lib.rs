@@ -224,9 +224,8 @@ impl OrtModel {
 
     /// One `Session::run` on `data` of `shape`.
     fn invoke(&self, data: &[f32], shape: &[usize]) -> Result<DynValue, BackendError> {
-        let run_error = |e: ort::Error| {
-            BackendError::Run(format!("{}: {e}", self.provider.backend_name()))
-        };
+        let run_error =
+            |e: ort::Error| BackendError::Run(format!("{}: {e}", self.provider.backend_name()));
         let tensor = TensorRef::from_array_view((shape.to_vec(), data)).map_err(run_error)?;
         let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
         let mut outputs = session.run(ort::inputs![tensor]).map_err(run_error)?;
@@ -350,9 +349,9 @@ impl ForeignBuffer for OrtBuffer {
 
 /// An output's shape and f32 values.
 fn extract(value: &DynValue) -> Result<(Vec<usize>, &[f32]), BackendError> {
-    let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| {
-        BackendError::Run(format!("the model's output is not an f32 tensor: {e}"))
-    })?;
+    let (shape, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(|e| BackendError::Run(format!("the model's output is not an f32 tensor: {e}")))?;
     let dims = shape
         .iter()
         .map(|&d| usize::try_from(d))
@@ -370,7 +369,8 @@ fn build_session(
     rt: &Runtime,
 ) -> Result<Session, String> {
     let name = provider.backend_name();
-    let setup = |e: ort::Error<SessionBuilder>| format!("{name}: cannot configure the session: {e}");
+    let setup =
+        |e: ort::Error<SessionBuilder>| format!("{name}: cannot configure the session: {e}");
     let mut builder = Session::builder(&rt.env)
         .map_err(|e| format!("{name}: cannot create a session: {e}"))?
         .with_log_level(runtime::session_log_level())

@@ -30,7 +30,10 @@ fn missing_and_unusable_libraries_are_errors() {
         assert!(matches!(e, BackendError::Load { .. }), "{e:?}");
         let e = e.to_string();
         eprintln!("{e}");
-        assert!(e.contains("cannot load ONNX Runtime") && e.contains(fake), "{e}");
+        assert!(
+            e.contains("cannot load ONNX Runtime") && e.contains(fake),
+            "{e}"
+        );
         // The loader's reason, not just "dlopen failed".
         assert!(e.contains("ELF") || e.contains("too short"), "{e}");
     }

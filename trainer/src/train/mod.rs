@@ -321,10 +321,7 @@ fn split_by_id(
             known.join(", ")
         )));
     }
-    Ok(cases
-        .iter()
-        .cloned()
-        .partition(|c| !names.contains(&c.id)))
+    Ok(cases.iter().cloned().partition(|c| !names.contains(&c.id)))
 }
 
 fn run(

@@ -462,7 +462,10 @@ mod tests {
         let v: Vec<f64> = (0..20_000).map(|_| rng.normal()).collect();
         let m = v.iter().sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len() as f64;
-        assert!(m.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {m} var {var}");
+        assert!(
+            m.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "mean {m} var {var}"
+        );
     }
 
     #[test]
