@@ -67,6 +67,25 @@ impl TensorInfo {
                 .zip(shape)
                 .all(|(d, &n)| d.fixed().is_none_or(|f| f == n))
     }
+
+    /// The check every `Model::run` makes before touching its engine: the
+    /// shape fits this input and `len` values fill it exactly.
+    pub fn check_run_input(&self, len: usize, shape: &[usize]) -> Result<(), BackendError> {
+        if !self.accepts(shape) {
+            return Err(BackendError::Shape {
+                got: shape.to_vec(),
+                expected: self.to_string(),
+            });
+        }
+        let want = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if want != Some(len) {
+            return Err(BackendError::Other(format!(
+                "input holds {len} values, shape {shape:?} needs {}",
+                want.map_or_else(|| "more than usize::MAX".into(), |n| n.to_string())
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for TensorInfo {

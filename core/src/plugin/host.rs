@@ -878,20 +878,7 @@ impl Model for PluginModel {
         let fns = &self.handle.fns;
         // Checked here so that the plugin only ever sees inputs that fit,
         // and so that the rank fits the ABI (the input's rank does).
-        if !self.input.accepts(shape) {
-            return Err(BackendError::Shape {
-                got: shape.to_vec(),
-                expected: self.input.to_string(),
-            });
-        }
-        let want = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        if want != Some(data.len()) {
-            return Err(BackendError::Other(format!(
-                "input holds {} values, shape {shape:?} needs {}",
-                data.len(),
-                want.map_or_else(|| "more than usize::MAX".into(), |n| n.to_string())
-            )));
-        }
+        self.input.check_run_input(data.len(), shape)?;
         let mut dims = [0u64; INFL8_MAX_RANK];
         for (slot, &d) in dims.iter_mut().zip(shape) {
             *slot = d as u64;

@@ -309,20 +309,7 @@ impl Model for OrtModel {
     }
 
     fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
-        if !self.input.accepts(shape) {
-            return Err(BackendError::Shape {
-                got: shape.to_vec(),
-                expected: self.input.to_string(),
-            });
-        }
-        let want = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        if want != Some(data.len()) {
-            return Err(BackendError::Other(format!(
-                "input holds {} values, shape {shape:?} needs {}",
-                data.len(),
-                want.map_or_else(|| "more than usize::MAX".into(), |n| n.to_string())
-            )));
-        }
+        self.input.check_run_input(data.len(), shape)?;
         if shape.first() == Some(&0) {
             return self.run_empty(shape);
         }
