@@ -66,6 +66,17 @@ fn shipped_model_carries_its_manifest_and_fits_the_size_budget() {
     for want in ["infl8-brain-mask", "brain", "slab"] {
         assert!(info.contains(want), "`infl8 info` lacks {want:?}:\n{info}");
     }
+    let gflop: f64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("FLOPs per window: "))
+        .and_then(|l| l.split_once(" GFLOP"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("`infl8 info` lacks a FLOPs line:\n{info}"));
+    assert!(gflop > 0.0, "{info}");
+    assert!(
+        info.contains("MatMul"),
+        "the ViT blocks count as MatMul:\n{info}"
+    );
 }
 
 #[test]

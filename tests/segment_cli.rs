@@ -321,6 +321,28 @@ fn info_and_plugins_commands() {
 }
 
 #[test]
+fn info_prints_the_flops_of_one_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("example.onnx");
+    ok(&infl8(&[
+        "example-model",
+        "--out",
+        s(&model),
+        "--roi",
+        "100",
+        "100",
+        "250",
+    ]));
+    let text = ok(&infl8(&["info", s(&model)]));
+    // One 3x3x3 conv, 1 -> 2 channels, same-size output:
+    // 2 FLOPs x 2 channels x 100*100*250 voxels x 1 channel x 27 = 0.27 GFLOP.
+    assert!(
+        text.contains("FLOPs per window: 0.27 GFLOP (Conv 0.27) for input [1, 1, 100, 100, 250]"),
+        "{text}"
+    );
+}
+
+#[test]
 fn example_model_segments_the_head_of_a_real_mri() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("example-head-mask.onnx");

@@ -2,14 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
+pub use infl8_core::cli_args::ModelArgs;
 use serde_json::{Map, Value, json};
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Blend {
-    Gaussian,
-    Constant,
-}
 
 /// Flags shared by every command that loads a model.
 #[derive(Args, Debug, Default)]
@@ -45,33 +40,8 @@ pub struct SegmentArgs {
     pub output: PathBuf,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
-    /// Window size (voxels) for sliding-window inference.
-    #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"])]
-    pub roi: Option<Vec<usize>>,
-    /// Fraction by which neighbouring windows overlap, in [0, 1).
-    #[arg(long)]
-    pub overlap: Option<f64>,
-    /// How overlapping windows are blended.
-    #[arg(long, value_enum)]
-    pub mode: Option<Blend>,
-    /// Gaussian sigma as a fraction of the window size.
-    #[arg(long)]
-    pub sigma_scale: Option<f64>,
-    /// 2.5D slab inference with this many neighbouring slices.
-    #[arg(long, value_name = "D")]
-    pub slab_depth: Option<usize>,
-    /// Intensity window: clip to [LO, HI], scale to [0, 1].
-    #[arg(long, num_args = 2, value_names = ["LO", "HI"], allow_negative_numbers = true)]
-    pub window: Option<Vec<f64>>,
-    /// z-score intensities instead of a window.
-    #[arg(long)]
-    pub zscore: bool,
-    /// Resample to this voxel spacing (mm) before inference.
-    #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"])]
-    pub spacing: Option<Vec<f64>>,
-    /// Input channels of a model without a manifest.
-    #[arg(long)]
-    pub channels: Option<usize>,
+    #[command(flatten)]
+    pub model_flags: ModelArgs,
     /// Keep only the largest connected component of each label.
     #[arg(long)]
     pub largest_component: bool,
@@ -151,38 +121,7 @@ impl RuntimeArgs {
 impl SegmentArgs {
     pub fn layer(&self) -> Value {
         let mut top = self.runtime.layer();
-        let mut model = Map::new();
-        if let Some(r) = &self.roi {
-            put(&mut model, "roi", json!(r));
-        }
-        if let Some(o) = self.overlap {
-            put(&mut model, "overlap", json!(o));
-        }
-        if let Some(b) = self.mode {
-            let s = match b {
-                Blend::Gaussian => "gaussian",
-                Blend::Constant => "constant",
-            };
-            put(&mut model, "blend", json!(s));
-        }
-        if let Some(s) = self.sigma_scale {
-            put(&mut model, "sigma_scale", json!(s));
-        }
-        if let Some(d) = self.slab_depth {
-            put(&mut model, "slab_depth", json!(d));
-        }
-        if let Some(w) = &self.window {
-            put(&mut model, "window", json!(w));
-        }
-        if self.zscore {
-            put(&mut model, "zscore", json!(true));
-        }
-        if let Some(s) = &self.spacing {
-            put(&mut model, "spacing", json!(s));
-        }
-        if let Some(c) = self.channels {
-            put(&mut model, "input_channels", json!(c));
-        }
+        let model = self.model_flags.layer();
         if !model.is_empty() {
             put(&mut top, "model", Value::Object(model));
         }

@@ -6,10 +6,13 @@
 //! reduced to labels and mapped back onto the input's own grid.
 
 pub mod backend;
+#[cfg(feature = "cli")]
+pub mod cli_args;
 pub mod config;
 pub mod dataset;
 pub mod inference;
 pub mod manifest;
+pub mod metrics;
 pub mod nifti_io;
 pub mod plugin;
 pub mod preprocess;

@@ -96,6 +96,113 @@ pub fn pointwise_model(scale: &[f32], bias: &[f32], in_channels: i64) -> ModelPr
     g.finish("infl8-test")
 }
 
+/// Deterministic weights in `[-scale, scale)` (xorshift), for fixtures.
+fn fixture_weights(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            scale * (2.0 * ((x >> 40) as f32 / (1u64 << 24) as f32) - 1.0)
+        })
+        .collect()
+}
+
+/// A miniature ViT segmenter for quantization tests: strided Conv3d patch
+/// embedding (8 channels, 2x2x2 patches), one pre-norm attention block
+/// (LayerNorm, Q/K/V/output MatMuls, Softmax, residual) and a ConvTranspose
+/// head back to full resolution with 2 classes. Input `[N, 1, 8, 8, 8]`.
+/// Every op a real inflated ViT uses where quantization matters.
+pub fn conv_attention_model() -> ModelProto {
+    const C: i64 = 8;
+    const T: i64 = 64;
+    let mut g = GraphBuilder::new("infl8_conv_attention");
+    let spatial = |c: i64| {
+        [
+            Dim::Symbolic("N"),
+            Dim::Fixed(c),
+            Dim::Fixed(8),
+            Dim::Fixed(8),
+            Dim::Fixed(8),
+        ]
+    };
+    let x = g.input("image", &spatial(1));
+    let w = g.weight(
+        "embed.weight",
+        &[C, 1, 2, 2, 2],
+        &fixture_weights(64, 1, 0.35),
+    );
+    let b = g.weight("embed.bias", &[C], &fixture_weights(8, 2, 0.1));
+    let e = g.node(
+        "Conv",
+        &[&x, &w, &b],
+        vec![
+            ("kernel_shape", Attr::Ints(vec![2, 2, 2])),
+            ("strides", Attr::Ints(vec![2, 2, 2])),
+        ],
+    );
+    let e = g.node("Relu", &[&e], vec![]);
+    let to_tokens = g.weight_i64("to_tokens", &[3], &[0, C, T]);
+    let t = g.node("Reshape", &[&e, &to_tokens], vec![]);
+    let t = g.node(
+        "Transpose",
+        &[&t],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    );
+    let gamma = g.weight("norm.weight", &[C], &[1.0; C as usize]);
+    let beta = g.weight("norm.bias", &[C], &[0.0; C as usize]);
+    let n = g.node(
+        "LayerNormalization",
+        &[&t, &gamma, &beta],
+        vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(1e-5))],
+    );
+    let proj = |g: &mut GraphBuilder, name: &str, seed: u64, input: &str| {
+        let w = g.weight(name, &[C, C], &fixture_weights(64, seed, 0.6));
+        g.node("MatMul", &[input, &w], vec![])
+    };
+    let q = proj(&mut g, "attn.q.weight", 3, &n);
+    let k = proj(&mut g, "attn.k.weight", 4, &n);
+    let v = proj(&mut g, "attn.v.weight", 5, &n);
+    let kt = g.node(
+        "Transpose",
+        &[&k],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    );
+    let s = g.node("MatMul", &[&q, &kt], vec![]);
+    let scale = g.weight("attn.scale", &[], &[1.0 / (C as f32).sqrt()]);
+    let s = g.node("Mul", &[&s, &scale], vec![]);
+    let p = g.node("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
+    let a = g.node("MatMul", &[&p, &v], vec![]);
+    let o = proj(&mut g, "attn.out.weight", 6, &a);
+    let r = g.node("Add", &[&t, &o], vec![]);
+    let r = g.node(
+        "Transpose",
+        &[&r],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    );
+    let to_grid = g.weight_i64("to_grid", &[5], &[0, C, 4, 4, 4]);
+    let r = g.node("Reshape", &[&r, &to_grid], vec![]);
+    let w = g.weight(
+        "head.weight",
+        &[C, 2, 2, 2, 2],
+        &fixture_weights(128, 7, 0.35),
+    );
+    let b = g.weight("head.bias", &[2], &[0.05, -0.05]);
+    g.node_named(
+        "ConvTranspose",
+        "head/ConvTranspose",
+        &[&r, &w, &b],
+        &["logits"],
+        vec![
+            ("kernel_shape", Attr::Ints(vec![2, 2, 2])),
+            ("strides", Attr::Ints(vec![2, 2, 2])),
+        ],
+    );
+    g.output("logits", &spatial(2));
+    g.finish("infl8-test")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

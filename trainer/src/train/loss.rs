@@ -63,18 +63,7 @@ pub fn scalar(t: &Tensor<1>) -> f32 {
         .unwrap_or(f32::NAN)
 }
 
-/// Hard Dice of one label value between two label maps; `None` when the
-/// label is absent from both (undefined, left out of means).
-pub fn hard_dice(pred: &[u8], truth: &[u8], label: u8) -> Option<f64> {
-    let (mut inter, mut a, mut b) = (0u64, 0u64, 0u64);
-    for (&p, &t) in pred.iter().zip(truth) {
-        let (pp, tt) = (p == label, t == label);
-        inter += u64::from(pp && tt);
-        a += u64::from(pp);
-        b += u64::from(tt);
-    }
-    (a + b > 0).then(|| 2.0 * inter as f64 / (a + b) as f64)
-}
+pub use infl8_core::metrics::hard_dice;
 
 #[cfg(test)]
 mod tests {
@@ -119,12 +108,5 @@ mod tests {
         let target = t(vec![0.0, 1.0, 1.0, 0.0], [1, 2, 2]);
         let (total, ce, dice) = dice_ce(logits, target);
         assert!(ce < 1e-6 && dice < 1e-6 && scalar(&total) < 1e-5);
-    }
-
-    #[test]
-    fn hard_dice_cases() {
-        assert_eq!(hard_dice(&[1, 1, 0, 0], &[1, 0, 1, 0], 1), Some(0.5));
-        assert_eq!(hard_dice(&[0, 0], &[0, 0], 1), None);
-        assert_eq!(hard_dice(&[2, 2], &[2, 2], 2), Some(1.0));
     }
 }

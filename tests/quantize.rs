@@ -1,0 +1,265 @@
+//! INT8 static quantization end to end on a miniature conv + attention
+//! model: calibrated on NIfTI volumes through the runtime's own windows,
+//! rewritten to QDQ, then run from the real plugins (tract and ort-cpu)
+//! and compared with FP32. Also the refusals: an old opset, no
+//! calibration data, a node name that does not exist, a corrupt volume.
+
+use std::path::{Path, PathBuf};
+
+use infl8_core::backend::LoadOptions;
+use infl8_core::config::ModelOverrides;
+use infl8_core::metrics::sqnr_db;
+use infl8_core::nifti_io::{DataType, write_volume};
+use infl8_core::plugin::PluginHost;
+use infl8_core::volume::Volume;
+use infl8_onnx::proto::data_type;
+use infl8_quantize::{Case, Method, Options, quantize};
+use infl8_suite::{ort_library, plugin_lib, s};
+use nalgebra::Matrix4;
+use ndarray::Array4;
+
+/// Smooth blobs in [0, 1000]: intensities like a windowed scan.
+fn volume(phase: f64) -> Volume {
+    let data = Array4::from_shape_fn((1, 16, 16, 16), |(_, x, y, z)| {
+        let (x, y, z) = (x as f64, y as f64, z as f64);
+        (500.0
+            + 450.0 * ((x * 0.4 + phase).sin() * (y * 0.3 - phase).cos() + 0.3 * (z * 0.5).sin()))
+        .clamp(0.0, 1000.0) as f32
+    });
+    Volume::new(data, Matrix4::identity())
+}
+
+fn calibration_set(dir: &Path) -> Vec<Case> {
+    (0..3)
+        .map(|i| {
+            let image = dir.join(format!("case{i}.nii.gz"));
+            write_volume(&image, &volume(i as f64 * 0.7), DataType::F32).unwrap();
+            Case {
+                id: format!("case{i}"),
+                image,
+                label: None,
+            }
+        })
+        .collect()
+}
+
+fn fp32_model(dir: &Path) -> PathBuf {
+    let p = dir.join("fp32.onnx");
+    infl8_onnx::write_model(&infl8_onnx::examples::conv_attention_model(), &p).unwrap();
+    p
+}
+
+/// How `infl8 segment --roi 8 8 8 --window 0 1000` reads a model that
+/// carries no manifest.
+fn options(method: Method) -> Options {
+    Options {
+        method,
+        exclude: vec![],
+        overrides: ModelOverrides {
+            roi: Some([8, 8, 8]),
+            window: Some([0.0, 1000.0]),
+            ..Default::default()
+        },
+        threads: 2,
+        ..Default::default()
+    }
+}
+
+/// Windows as the runtime feeds them: intensities windowed into [0, 1].
+fn windows(n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * 512);
+    for i in 0..n {
+        let v = volume(0.35 + i as f64);
+        out.extend(v.data.iter().take(512).map(|x| x / 1000.0));
+    }
+    out
+}
+
+fn run(host: &PluginHost, backend: &str, model: &Path, data: &[f32], batch: usize) -> Vec<f32> {
+    let mut o = LoadOptions {
+        threads: 2,
+        ..Default::default()
+    };
+    if backend.starts_with("ort") {
+        o.extra.insert("library".into(), s(&ort_library()).into());
+    }
+    let m = host
+        .backend(backend)
+        .unwrap()
+        .load(model, &o)
+        .unwrap_or_else(|e| panic!("{backend} cannot load {}: {e}", model.display()));
+    m.run(data, &[batch, 1, 8, 8, 8]).unwrap().into_vec()
+}
+
+#[test]
+fn qdq_model_runs_on_tract_and_ort_close_to_fp32() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calibration_set(dir.path());
+    let fp32 = fp32_model(dir.path());
+    let int8 = dir.path().join("int8.onnx");
+    let report = quantize(
+        &fp32,
+        &int8,
+        &calib,
+        &[],
+        &options(Method::Percentile(99.99)),
+        &|_, _, _, _, _| {},
+    )
+    .unwrap();
+
+    // Every weight of the six compute layers is int8 now, per channel.
+    let mut ops: Vec<&str> = report.weights.iter().map(|w| w.op_type.as_str()).collect();
+    ops.sort();
+    assert_eq!(
+        ops,
+        [
+            "Conv",
+            "ConvTranspose",
+            "MatMul",
+            "MatMul",
+            "MatMul",
+            "MatMul"
+        ]
+    );
+    for w in &report.weights {
+        assert!(w.sqnr_db.unwrap() > 30.0, "{w:?}");
+    }
+    // Activations read by quantized nodes: the image, the normed tokens
+    // (shared by Q, K, V), Q, K^T, the attention weights, V, the attention
+    // output, the grid before the head.
+    assert_eq!(report.activations.len(), 8, "{:#?}", report.activations);
+    assert!(report.activations.iter().all(|a| a.threshold > 0.0));
+    assert!(report.mean_dice_int8_vs_fp32().unwrap() > 0.9, "{report}");
+
+    let q = infl8_onnx::read_model(&int8).unwrap();
+    let g = q.graph.as_ref().unwrap();
+    let count = |op: &str| g.node.iter().filter(|n| n.op_type == op).count();
+    assert_eq!(count("QuantizeLinear"), 8);
+    assert_eq!(count("DequantizeLinear"), 8 + 6);
+    assert!(!g.initializer.iter().any(|t| t.name == "attn.q.weight"));
+    assert!(g.initializer.iter().any(|t| t.data_type == data_type::INT8));
+    // The flags that described the FP32 model travel with the INT8 one.
+    assert!(infl8_onnx::metadata(&q, infl8_onnx::MANIFEST_KEY).is_some());
+    assert!(infl8_onnx::metadata(&q, infl8_quantize::QUANTIZATION_KEY).is_some());
+
+    let mut host = PluginHost::new(vec![]);
+    host.load_library(plugin_lib("infl8_tract")).unwrap();
+    host.load_library(plugin_lib("infl8_ort")).unwrap();
+    let data = windows(3);
+    let mut int8_out = Vec::new();
+    for backend in ["tract", "ort-cpu"] {
+        let f = run(&host, backend, &fp32, &data, 3);
+        let i = run(&host, backend, &int8, &data, 3);
+        let snr = sqnr_db(&f, &i).unwrap();
+        assert!(snr > 25.0, "{backend}: INT8 vs FP32 SQNR {snr:.1} dB");
+        assert!(snr < 80.0, "{backend}: INT8 identical to FP32? {snr:.1} dB");
+        int8_out.push(i);
+    }
+    // Both runtimes compute the same quantized function.
+    let snr = sqnr_db(&int8_out[0], &int8_out[1]).unwrap();
+    assert!(snr > 35.0, "tract vs ORT on the INT8 model: {snr:.1} dB");
+}
+
+#[test]
+fn calibration_methods_give_ordered_ranges_on_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calibration_set(dir.path());
+    let fp32 = fp32_model(dir.path());
+    let thresholds = |m: Method, name: &str| {
+        let r = quantize(
+            &fp32,
+            &dir.path().join(name),
+            &calib,
+            &calib[..1],
+            &options(m),
+            &|_, _, _, _, _| {},
+        )
+        .unwrap();
+        r.activations
+            .iter()
+            .map(|a| (a.tensor.clone(), a.amax, a.threshold))
+            .collect::<Vec<_>>()
+    };
+    let minmax = thresholds(Method::MinMax, "mm.onnx");
+    let pct = thresholds(Method::Percentile(90.0), "pct.onnx");
+    for ((name, amax, t_mm), (_, _, t_pct)) in minmax.iter().zip(&pct) {
+        if name.starts_with("Softmax") {
+            // Probabilities get their known range whatever the method.
+            assert_eq!(*t_mm, 1.0);
+            continue;
+        }
+        assert_eq!(t_mm, amax, "{name}: minmax is the largest |x|");
+        assert!(t_pct <= t_mm && *t_pct > 0.0, "{name}: {t_pct} vs {t_mm}");
+    }
+    assert!(minmax.iter().zip(&pct).any(|(a, b)| b.2 < 0.9 * a.2));
+}
+
+#[test]
+fn refusals_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calibration_set(dir.path());
+    let fp32 = fp32_model(dir.path());
+    let out = dir.path().join("int8.onnx");
+    let no_progress = |_: &str, _: usize, _: usize, _: u64, _: u64| {};
+
+    let err = quantize(
+        &fp32,
+        &out,
+        &[],
+        &[],
+        &options(Method::MinMax),
+        &no_progress,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("no calibration volumes"), "{err}");
+
+    let mut o = options(Method::MinMax);
+    o.exclude = vec!["no_such_node".into()];
+    let err = quantize(&fp32, &out, &calib, &[], &o, &no_progress)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no_such_node"), "{err}");
+
+    let mut old = infl8_onnx::examples::conv_attention_model();
+    old.opset_import[0].version = 11;
+    let old_path = dir.path().join("old.onnx");
+    infl8_onnx::write_model(&old, &old_path).unwrap();
+    let err = quantize(
+        &old_path,
+        &out,
+        &calib,
+        &[],
+        &options(Method::MinMax),
+        &no_progress,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("opset 11"), "{err}");
+
+    let bad = dir.path().join("corrupt.nii.gz");
+    std::fs::write(&bad, b"\x1f\x8b not really gzip").unwrap();
+    let cases = vec![Case {
+        id: "corrupt".into(),
+        image: bad.clone(),
+        label: None,
+    }];
+    let err = quantize(
+        &fp32,
+        &out,
+        &cases,
+        &[],
+        &options(Method::MinMax),
+        &no_progress,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("corrupt.nii.gz"), "{err}");
+    assert!(!out.exists(), "a failed run left {}", out.display());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("quantizing"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
