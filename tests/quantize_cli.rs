@@ -61,6 +61,9 @@ fn quantized_brain_model_matches_fp32_on_both_cpu_backends() {
         "--output",
         s(&fp32_out),
     ]));
+    let info = ok(&infl8(&["info", s(&int8)]));
+    assert!(info.contains("precision: INT8 QDQ"), "{info}");
+    assert!(info.contains("FLOPs per window"), "{info}");
     let reference = labels(&fp32_out);
     for backend in ["tract", "ort-cpu"] {
         let out = dir.path().join(format!("int8-{backend}.nii.gz"));

@@ -359,6 +359,7 @@ pub fn info(a: InfoArgs) -> Result<ExitCode> {
             g.initializer.len()
         );
     }
+    println!("precision: {}", precision(&model));
     let show = |t: &infl8_onnx::DeclaredTensor| {
         let dims = match &t.shape {
             Some(s) => s
@@ -409,6 +410,32 @@ pub fn info(a: InfoArgs) -> Result<ExitCode> {
         println!("  output: {}", m.output());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// FP32, or INT8 QDQ with how it was calibrated when infl8 quantized it.
+fn precision(model: &infl8_onnx::ModelProto) -> String {
+    if let Some(record) = infl8_onnx::metadata(model, infl8_onnx::QUANTIZATION_KEY) {
+        let v: serde_json::Value = serde_json::from_str(record).unwrap_or_default();
+        let method = match (&v["calibration"]["method"], &v["calibration"]["value"]) {
+            (serde_json::Value::String(m), serde_json::Value::Null) => m.clone(),
+            (serde_json::Value::String(m), p) => format!("{m} {p}"),
+            _ => "unknown calibration".into(),
+        };
+        return format!(
+            "INT8 QDQ (infl8-train quantize: {method} on {} volume(s), from {})",
+            v["calibration_volumes"],
+            v["source"].as_str().unwrap_or("?")
+        );
+    }
+    let qdq = model
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.node.iter().any(|n| n.op_type == "QuantizeLinear"));
+    if qdq {
+        "quantized (QuantizeLinear nodes; not from infl8-train quantize)".into()
+    } else {
+        "float".into()
+    }
 }
 
 /// The input shape of one window (batch 1) that the manifest, or else the

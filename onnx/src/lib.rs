@@ -14,6 +14,8 @@ pub use proto::ModelProto;
 
 /// The metadata key under which infl8 stores a model's manifest (JSON).
 pub const MANIFEST_KEY: &str = "infl8.manifest";
+/// The metadata key of the record `infl8-train quantize` leaves (JSON).
+pub const QUANTIZATION_KEY: &str = "infl8.quantization";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {

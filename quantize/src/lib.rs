@@ -33,8 +33,7 @@ pub use calibrate::Method;
 pub use plan::{DEFAULT_EXCLUDE, DEFAULT_OP_TYPES, Plan};
 pub use report::{ActivationReport, EvalReport, Report};
 
-/// Metadata key of the quantization record in the output model.
-pub const QUANTIZATION_KEY: &str = "infl8.quantization";
+pub use infl8_onnx::QUANTIZATION_KEY;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuantizeError {
