@@ -1,7 +1,10 @@
 //! `infl8`: segment NIfTI volumes with a backend plugin.
 
 mod commands;
+mod config_check;
 mod flags;
+mod plugin_check;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -29,6 +32,14 @@ enum Command {
     Plugins(flags::PluginsArgs),
     /// Write the built-in example model (a head/background network).
     ExampleModel(flags::ExampleModelArgs),
+    /// Plugin tools: `infl8 plugin check LIB.so` (conformance kit).
+    #[command(subcommand)]
+    Plugin(plugin_check::PluginCommand),
+    /// Settings tools: `infl8 config check FILE` (validate a firmware profile).
+    #[command(subcommand)]
+    Config(config_check::ConfigCommand),
+    /// Run as a service: segment NIfTI files as they arrive in an inbox.
+    Watch(Box<watch::WatchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +54,9 @@ fn main() -> ExitCode {
         Command::Info(a) => commands::info(a),
         Command::Plugins(a) => commands::plugins(a),
         Command::ExampleModel(a) => commands::example_model(a),
+        Command::Plugin(c) => plugin_check::run(c),
+        Command::Config(c) => config_check::run(c),
+        Command::Watch(a) => watch::run(*a),
     };
     match result {
         Ok(code) => code,

@@ -52,10 +52,61 @@ pub struct Settings {
     /// Extra directories searched for `libinfl8_*` plugins (the executable's
     /// own directory is always searched).
     pub plugin_dirs: Vec<PathBuf>,
+    /// Arithmetic the backend may use: `fp32` (default), `fp16` (TensorRT
+    /// builds FP16 kernels) or `int8` (TensorRT INT8; the model must be an
+    /// INT8 QDQ model from `infl8-train quantize`). Passed to the backend as
+    /// the load option `precision`.
+    pub precision: Precision,
     pub limits: Limits,
     pub postprocess: Postprocess,
     /// Settings that complete or override the model's manifest.
     pub model: ModelOverrides,
+    /// `infl8 watch`: how the service picks up and records inputs.
+    pub watch: WatchSettings,
+}
+
+/// See [`Settings::precision`].
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Fp16,
+    Int8,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+/// Settings of the `infl8 watch` service.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchSettings {
+    /// A file not named `*.part` is taken once its size and modification
+    /// time have not changed for this many seconds.
+    pub stable_secs: f64,
+    /// How often the inbox is scanned, in milliseconds.
+    pub poll_ms: u64,
+    /// Move inputs to `<outbox>/done/` (true) or leave them in the inbox and
+    /// only record them in the journal (false).
+    pub move_inputs: bool,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        WatchSettings {
+            stable_secs: 2.0,
+            poll_ms: 500,
+            move_inputs: true,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -67,9 +118,11 @@ impl Default for Settings {
             threads: 0,
             window_batch: 4,
             plugin_dirs: vec![],
+            precision: Precision::default(),
             limits: Limits::default(),
             postprocess: Postprocess::default(),
             model: ModelOverrides::default(),
+            watch: WatchSettings::default(),
         }
     }
 }
@@ -80,8 +133,18 @@ pub struct Limits {
     /// Largest input accepted, in voxels (all channels), checked from the
     /// header before any voxel is read.
     pub max_voxels: u64,
+    /// Largest input accepted, in bytes: the file on disk and the voxel data
+    /// its header declares (uncompressed), both checked before any voxel is
+    /// read. 0 = no limit beyond `max_voxels`.
+    pub max_input_bytes: u64,
     /// What to do with NaN/Inf voxels: `reject` (default) or `zero`.
     pub nonfinite: NonFinite,
+    /// Longest a volume may take, in seconds (read to written); past it the
+    /// volume fails with a timeout error. 0 = no limit.
+    pub timeout_s: f64,
+    /// Memory the window batch may use, in MiB: caps `window_batch` so the
+    /// batch's input and output tensors fit. 0 = no cap.
+    pub memory_budget_mb: u64,
 }
 
 impl Default for Limits {
@@ -89,7 +152,10 @@ impl Default for Limits {
         let r = ReadLimits::default();
         Limits {
             max_voxels: r.max_voxels,
+            max_input_bytes: 0,
             nonfinite: r.allow_nonfinite,
+            timeout_s: 0.0,
+            memory_budget_mb: 0,
         }
     }
 }
@@ -283,6 +349,10 @@ impl Settings {
         if let Some(table) = self.backend_options.get(backend) {
             extra.extend(table.clone());
         }
+        // A backend table may set its own `precision`; the profile's is the default.
+        extra
+            .entry("precision")
+            .or_insert_with(|| self.precision.as_str().into());
         LoadOptions { threads, extra }
     }
 
@@ -315,6 +385,22 @@ impl Settings {
         }
         if self.limits.max_voxels == 0 {
             return Err("limits.max_voxels: must be at least 1".into());
+        }
+        let t = self.limits.timeout_s;
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(format!(
+                "limits.timeout_s: {t} must be finite and >= 0 (0 = no limit)"
+            ));
+        }
+        let w = &self.watch;
+        if !(w.stable_secs.is_finite() && w.stable_secs >= 0.0) {
+            return Err(format!(
+                "watch.stable_secs: {} must be finite and >= 0",
+                w.stable_secs
+            ));
+        }
+        if w.poll_ms == 0 {
+            return Err("watch.poll_ms: must be at least 1".into());
         }
         let m = &self.model;
         if let Some(o) = m.overlap
