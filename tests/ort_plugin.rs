@@ -13,6 +13,7 @@ use infl8_core::backend::LoadOptions;
 use infl8_core::nifti_io::{self, ReadLimits};
 use infl8_core::plugin::PluginHost;
 use infl8_onnx::builder::{Attr, Dim as OnnxDim, GraphBuilder};
+use infl8_onnx::examples::pseudo_random as values;
 use infl8_suite::{
     example_model, infl8, infl8_ort, ok, ort_library, plugin_lib, run_with_env, s, t1_2mm,
 };
@@ -32,19 +33,6 @@ fn ort_options() -> LoadOptions {
     };
     o.extra.insert("library".into(), s(&ort_library()).into());
     o
-}
-
-/// Deterministic values in [lo, hi).
-fn values(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            lo + (hi - lo) * ((x >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

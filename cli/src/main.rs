@@ -3,6 +3,8 @@
 mod commands;
 mod config_check;
 mod flags;
+mod journal;
+mod limits;
 mod plugin_check;
 mod watch;
 
@@ -47,6 +49,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in log files,
+        // journald or a parent process reading our stderr.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -96,17 +96,24 @@ pub fn pointwise_model(scale: &[f32], bias: &[f32], in_channels: i64) -> ModelPr
     g.finish("infl8-test")
 }
 
-/// Deterministic weights in `[-scale, scale)` (xorshift), for fixtures.
-fn fixture_weights(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+/// `n` deterministic pseudo-random values in `[lo, hi)` (xorshift64): the
+/// same sequence for the same seed on every platform, for fixtures and
+/// conformance inputs.
+pub fn pseudo_random(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            scale * (2.0 * ((x >> 40) as f32 / (1u64 << 24) as f32) - 1.0)
+            lo + (hi - lo) * ((x >> 40) as f32 / (1u64 << 24) as f32)
         })
         .collect()
+}
+
+/// Deterministic weights in `[-scale, scale)`, for fixtures.
+fn fixture_weights(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    pseudo_random(n, seed, -scale, scale)
 }
 
 /// A miniature ViT segmenter for quantization tests: strided Conv3d patch

@@ -280,15 +280,7 @@ mod tests {
 
     /// Deterministic uniform values in [0, 1).
     fn uniform(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 40) as f32 / (1u64 << 24) as f32
-            })
-            .collect()
+        infl8_onnx::examples::pseudo_random(n, seed, 0.0, 1.0)
     }
 
     /// Standard normal values (Box-Muller).

@@ -1,0 +1,1093 @@
+//! The conformance kit behind `infl8 plugin check`: calls a plugin library
+//! through the raw C ABI and checks what every backend plugin must do —
+//! versions and struct sizes, metadata, a reference model's numbers against
+//! the tract backend at batch 1 and N, refusals (bad model file, wrong input
+//! shape, invalid arguments), the error-buffer contract and concurrent runs.
+//!
+//! [`run`] executes the checks in this process and reports each one through
+//! a callback as it starts and ends. A plugin can crash its host, so the
+//! `infl8` command runs them in a child process and resumes after a crash
+//! with [`Options::start`]: every check is self-contained for that reason
+//! (it loads what it needs), except the few setup steps that every later
+//! check needs, which run again (silently) in a resumed child.
+
+pub mod raw;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use infl8_core::Backend;
+use infl8_core::backend::LoadOptions;
+use infl8_core::config;
+use infl8_core::plugin::PluginHost;
+use infl8_core::plugin::abi::*;
+use serde::{Deserialize, Serialize};
+
+use raw::{Library, RawModel};
+
+/// Window of the reference model; small so the kit runs in seconds.
+pub const REFERENCE_ROI: [usize; 3] = [16, 16, 16];
+/// Name of the reference backend.
+pub const REFERENCE_BACKEND: &str = "tract";
+
+/// What to check, and how.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Options {
+    /// The plugin library under test.
+    pub library: PathBuf,
+    /// Backends to check; empty = all the library declares. Others are
+    /// reported as skipped (e.g. a GPU backend on a machine without one).
+    pub backends: Vec<String>,
+    /// Library holding the reference `tract` backend; `None` = the plugin
+    /// directories of the settings and the executable's folder.
+    pub reference: Option<PathBuf>,
+    /// Largest accepted |difference| from the reference output.
+    pub tolerance: f32,
+    /// Batch size of the batch-N run (at least 2).
+    pub batch: usize,
+    /// Threads of the concurrency check.
+    pub threads: usize,
+    /// Settings file whose backend options (and plugin dirs) are used.
+    pub config: Option<PathBuf>,
+    /// Index of the first check to run (earlier ones were reported by a
+    /// previous process).
+    pub start: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            library: PathBuf::new(),
+            backends: Vec::new(),
+            reference: None,
+            tolerance: 1e-4,
+            batch: 3,
+            threads: 4,
+            config: None,
+            start: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Pass,
+    Fail,
+    Skip,
+}
+
+/// One check's verdict.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub index: usize,
+    pub name: String,
+    /// `None` for library-wide checks.
+    pub backend: Option<String>,
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
+/// What [`run`] reports, in order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Event {
+    /// A check begins (a crash before its result blames it).
+    Start {
+        index: usize,
+        name: String,
+        backend: Option<String>,
+    },
+    Result(CheckResult),
+    /// Every check has been reported.
+    Done,
+}
+
+type Verdict = Result<String, String>;
+
+struct Runner<'a> {
+    next: usize,
+    start: usize,
+    emit: &'a mut dyn FnMut(Event),
+}
+
+impl Runner<'_> {
+    fn report(&mut self, index: usize, name: &str, backend: Option<&str>, v: &Verdict) {
+        let (outcome, detail) = match v {
+            Ok(d) => (Outcome::Pass, d.clone()),
+            Err(d) => (Outcome::Fail, d.clone()),
+        };
+        (self.emit)(Event::Result(CheckResult {
+            index,
+            name: name.into(),
+            backend: backend.map(str::to_owned),
+            outcome,
+            detail,
+        }));
+    }
+
+    fn started(&mut self, index: usize, name: &str, backend: Option<&str>) {
+        (self.emit)(Event::Start {
+            index,
+            name: name.into(),
+            backend: backend.map(str::to_owned),
+        });
+    }
+
+    /// A check later ones depend on: runs in every process, reported once.
+    fn setup<T>(
+        &mut self,
+        name: &str,
+        backend: Option<&str>,
+        f: impl FnOnce() -> Result<(T, String), String>,
+    ) -> Option<T> {
+        let index = self.next;
+        self.next += 1;
+        let visible = index >= self.start;
+        if visible {
+            self.started(index, name, backend);
+        }
+        let r = f();
+        let verdict = r.as_ref().map(|(_, d)| d.clone()).map_err(Clone::clone);
+        if visible {
+            self.report(index, name, backend, &verdict);
+        }
+        r.ok().map(|(t, _)| t)
+    }
+
+    /// A self-contained check: skipped entirely when a previous process
+    /// already reported it.
+    fn check(&mut self, name: &str, backend: Option<&str>, f: impl FnOnce() -> Verdict) {
+        let index = self.next;
+        self.next += 1;
+        if index < self.start {
+            return;
+        }
+        self.started(index, name, backend);
+        let v = f();
+        self.report(index, name, backend, &v);
+    }
+
+    /// Reports a group of checks as skipped, in one row.
+    fn skip_all(&mut self, names: &[&str], backend: Option<&str>, why: &str) {
+        let index = self.next;
+        self.next += names.len();
+        if index < self.start {
+            return;
+        }
+        (self.emit)(Event::Result(CheckResult {
+            index,
+            name: format!("all {} backend checks", names.len()),
+            backend: backend.map(str::to_owned),
+            outcome: Outcome::Skip,
+            detail: why.into(),
+        }));
+    }
+}
+
+/// The checks each backend goes through, in order.
+pub const BACKEND_CHECKS: &[&str] = &[
+    "load reference model",
+    "model io",
+    "run batch 1 vs tract",
+    "run batch N vs tract",
+    "batch items independent",
+    "missing model file refused",
+    "corrupt model file refused",
+    "wrong input shape refused",
+    "invalid arguments refused",
+    "error buffer contract",
+    "concurrent runs",
+];
+
+/// Runs the checks, reporting each through `emit`, ending with
+/// [`Event::Done`] (unless the plugin takes the process down first).
+pub fn run(opts: &Options, emit: &mut dyn FnMut(Event)) {
+    let mut r = Runner {
+        next: 0,
+        start: opts.start,
+        emit,
+    };
+    run_all(opts, &mut r);
+    (r.emit)(Event::Done);
+}
+
+fn run_all(opts: &Options, r: &mut Runner<'_>) {
+    let lib_path = opts.library.clone();
+    let Some(entry) = r.setup("library opens", None, || {
+        Library::open(&lib_path).map(|e| (e, format!("{}", lib_path.display())))
+    }) else {
+        return;
+    };
+    let Some(lib) = r.setup("entry accepts the host ABI", None, || check_entry(entry)) else {
+        return;
+    };
+    let Some(()) = r.setup("table size and functions", None, || check_table(&lib)) else {
+        return;
+    };
+    let Some(backends) = r.setup("metadata", None, || check_metadata(&lib)) else {
+        return;
+    };
+    r.check("entry is idempotent", None, || check_idempotent(&lib));
+    r.check("refuses another ABI major", None, || {
+        check_abi_mismatch(&lib)
+    });
+    r.check("entry refuses a null table pointer", None, || {
+        // SAFETY: the ABI's entry signature; a null out pointer must be refused.
+        let code = unsafe { (lib.entry)(INFL8_ABI_VERSION, raw::host_api(), std::ptr::null_mut()) };
+        expect_codes(code, &[INFL8_INVALID_ARGUMENT], "entry(out_table = NULL)")
+    });
+
+    let settings = config::load(opts.config.as_deref(), None, &serde_json::json!({}));
+    let dir = tempfile::Builder::new()
+        .prefix("infl8-plugin-check")
+        .tempdir();
+    let ctx = match (settings, dir) {
+        (Ok(settings), Ok(dir)) => Context::new(opts, settings, dir),
+        (Err(e), _) => Err(format!("settings: {e}")),
+        (_, Err(e)) => Err(format!("cannot make a temporary folder: {e}")),
+    };
+
+    for (index, name) in backends.iter().enumerate() {
+        let b = Some(name.as_str());
+        if !opts.backends.is_empty() && !opts.backends.contains(name) {
+            r.skip_all(BACKEND_CHECKS, b, "not selected (--backend)");
+            continue;
+        }
+        let ctx = match &ctx {
+            Ok(c) => c,
+            Err(e) => {
+                for check in BACKEND_CHECKS {
+                    r.check(check, b, || Err(e.clone()));
+                }
+                continue;
+            }
+        };
+        let bk = BackendUnderTest {
+            table: lib.table(),
+            index: index as u32,
+            name,
+            options: options_json(&ctx.settings.load_options(name)),
+            ctx,
+        };
+        bk.run(r);
+    }
+}
+
+fn options_json(o: &LoadOptions) -> String {
+    serde_json::to_string(o).unwrap_or_else(|_| "{}".into())
+}
+
+fn expect_codes(code: i32, want: &[i32], call: &str) -> Verdict {
+    if want.contains(&code) {
+        Ok(format!("{call} -> {}", status_name(code)))
+    } else {
+        let names: Vec<&str> = want.iter().map(|&c| status_name(c)).collect();
+        Err(format!(
+            "{call} returned {} ({code}); expected {}",
+            status_name(code),
+            names.join(" or ")
+        ))
+    }
+}
+
+fn check_entry(entry: Infl8PluginEntryFn) -> Result<(Library, String), String> {
+    let lib = Library::call_entry(entry, INFL8_ABI_VERSION);
+    if lib.table.is_null() {
+        return Err(format!(
+            "the entry returned {} and no table",
+            status_name(lib.entry_status)
+        ));
+    }
+    // SAFETY: the frozen header exists in every ABI major.
+    let header = unsafe { lib.table.cast::<Infl8PluginHeader>().read() };
+    let plugin_abi = version_string(header.abi_version);
+    if lib.entry_status != INFL8_OK {
+        return Err(format!(
+            "the entry returned {} for host ABI {} (plugin ABI {plugin_abi})",
+            status_name(lib.entry_status),
+            version_string(INFL8_ABI_VERSION)
+        ));
+    }
+    if abi_major(header.abi_version) != INFL8_ABI_MAJOR {
+        return Err(format!(
+            "the plugin speaks ABI {plugin_abi}; this kit checks ABI {}.x",
+            INFL8_ABI_MAJOR
+        ));
+    }
+    let detail = format!(
+        "plugin ABI {plugin_abi}, host ABI {}",
+        version_string(INFL8_ABI_VERSION)
+    );
+    Ok((lib, detail))
+}
+
+fn check_table(lib: &Library) -> Result<((), String), String> {
+    // SAFETY: the header fields exist in every table.
+    let size = unsafe { lib.table.cast::<Infl8PluginHeader>().read() }.struct_size;
+    if size < Infl8PluginTable::MIN_SIZE {
+        return Err(format!(
+            "struct_size is {size}, ABI 1.0 tables are at least {} bytes",
+            Infl8PluginTable::MIN_SIZE
+        ));
+    }
+    let t = lib.table();
+    let mut missing = Vec::new();
+    for (name, present) in [
+        ("model_load", t.model_load.is_some()),
+        ("model_free", t.model_free.is_some()),
+        ("model_io", t.model_io.is_some()),
+        ("model_run", t.model_run.is_some()),
+        ("tensor_free", t.tensor_free.is_some()),
+    ] {
+        if !present {
+            missing.push(name);
+        }
+    }
+    if !missing.is_empty() {
+        return Err(format!("null function pointers: {}", missing.join(", ")));
+    }
+    let desc = size_of::<Infl8BackendDesc>() as u32;
+    if t.backend_desc_size < desc {
+        return Err(format!(
+            "backend_desc_size is {}, ABI 1.0 descriptors are {desc} bytes",
+            t.backend_desc_size
+        ));
+    }
+    if t.backend_count > 0 && t.backends.is_null() {
+        return Err(format!(
+            "backend_count is {} but backends is null",
+            t.backend_count
+        ));
+    }
+    Ok((
+        (),
+        format!(
+            "table {size} bytes (ABI 1.0: {}), descriptors {} bytes, 5 functions",
+            Infl8PluginTable::MIN_SIZE,
+            t.backend_desc_size
+        ),
+    ))
+}
+
+/// Most backends one library may declare (as the host).
+const MAX_BACKENDS: u32 = 64;
+
+fn check_metadata(lib: &Library) -> Result<(Vec<String>, String), String> {
+    let t = lib.table();
+    let plugin = raw::plugin_str(t.plugin_name).map_err(|e| format!("plugin_name: {e}"))?;
+    let version = raw::plugin_str(t.plugin_version).map_err(|e| format!("plugin_version: {e}"))?;
+    if plugin.trim().is_empty() || version.trim().is_empty() {
+        return Err(format!(
+            "plugin name `{plugin}` and version `{version}` must not be empty"
+        ));
+    }
+    if t.backend_count == 0 || t.backend_count > MAX_BACKENDS {
+        return Err(format!(
+            "backend_count is {}; a plugin declares 1..={MAX_BACKENDS} backends",
+            t.backend_count
+        ));
+    }
+    let mut names: Vec<String> = Vec::new();
+    for (i, d) in raw::backends(t).iter().enumerate() {
+        let name = raw::plugin_str(d.name).map_err(|e| format!("backend {i} name: {e}"))?;
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !valid {
+            return Err(format!(
+                "backend {i} name `{name}`: use letters, digits, `-`, `_`, `.`"
+            ));
+        }
+        if names.contains(&name) {
+            return Err(format!("backend name `{name}` appears twice"));
+        }
+        if !d.description.is_null() {
+            raw::plugin_str(d.description)
+                .map_err(|e| format!("backend `{name}` description: {e}"))?;
+        }
+        names.push(name);
+    }
+    let detail = format!("plugin {plugin} {version}, backends {}", names.join(", "));
+    Ok((names, detail))
+}
+
+fn check_idempotent(lib: &Library) -> Verdict {
+    let again = Library::call_entry(lib.entry, INFL8_ABI_VERSION);
+    let entry = lib.entry;
+    let other = std::thread::spawn(move || {
+        let l = Library::call_entry(entry, INFL8_ABI_VERSION);
+        (l.entry_status, l.table as usize)
+    })
+    .join()
+    .map_err(|_| "the entry panicked on another thread".to_string())?;
+    let first = lib.table as usize;
+    if again.entry_status != INFL8_OK || other.0 != INFL8_OK {
+        return Err(format!(
+            "a second call returned {} / {} (other thread)",
+            status_name(again.entry_status),
+            status_name(other.0)
+        ));
+    }
+    if again.table as usize != first || other.1 != first {
+        return Err("the entry returned a different table on a second call".into());
+    }
+    Ok("same table from a second call and from another thread".into())
+}
+
+fn check_abi_mismatch(lib: &Library) -> Verdict {
+    let future = abi_version(INFL8_ABI_MAJOR + 1, 0);
+    let l = Library::call_entry(lib.entry, future);
+    if l.entry_status != INFL8_ABI_MISMATCH {
+        return Err(format!(
+            "entry(host ABI {}) returned {}; expected ABI_MISMATCH",
+            version_string(future),
+            status_name(l.entry_status)
+        ));
+    }
+    let mut detail = format!("host ABI {} -> ABI_MISMATCH", version_string(future));
+    if !l.table.is_null() {
+        // SAFETY: the frozen header of a table of any major.
+        let h = unsafe { l.table.cast::<Infl8PluginHeader>().read() };
+        let name = raw::plugin_str(h.plugin_name).map_err(|e| format!("plugin_name: {e}"))?;
+        detail.push_str(&format!(
+            ", table header names {name} (ABI {})",
+            version_string(h.abi_version)
+        ));
+    }
+    // The refusal must not poison the plugin for a matching host.
+    let back = Library::call_entry(lib.entry, INFL8_ABI_VERSION);
+    if back.entry_status != INFL8_OK || back.table != lib.table {
+        return Err("after refusing ABI 2, the entry no longer serves ABI 1".into());
+    }
+    Ok(detail)
+}
+
+/// What every backend's checks share: the reference model, its inputs and
+/// the reference outputs from tract.
+struct Context {
+    settings: config::Settings,
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    missing: PathBuf,
+    corrupt: PathBuf,
+    batch: usize,
+    tolerance: f32,
+    threads: usize,
+    /// `batch` items of input, C order.
+    input: Vec<f32>,
+    /// tract's output for `input`, or why there is none.
+    reference: Result<Vec<f32>, String>,
+}
+
+impl Context {
+    fn new(
+        opts: &Options,
+        settings: config::Settings,
+        dir: tempfile::TempDir,
+    ) -> Result<Context, String> {
+        let [x, y, z] = REFERENCE_ROI;
+        let model = dir.path().join("reference.onnx");
+        let proto = infl8_onnx::examples::head_mask_model([x as i64, y as i64, z as i64], 0.5, 8.0);
+        infl8_onnx::write_model(&proto, &model)
+            .map_err(|e| format!("cannot write the reference model: {e}"))?;
+        let corrupt = dir.path().join("corrupt.onnx");
+        let mut bytes = infl8_onnx::encode(&proto);
+        bytes.truncate(bytes.len() / 3);
+        bytes.extend(std::iter::repeat_n(0xFFu8, 64));
+        std::fs::write(&corrupt, &bytes)
+            .map_err(|e| format!("cannot write {}: {e}", corrupt.display()))?;
+        let batch = opts.batch.max(2);
+        let input = infl8_onnx::examples::pseudo_random(batch * x * y * z, 7, 0.0, 1.0);
+        let reference = reference_output(opts, &settings, &model, &input, batch);
+        Ok(Context {
+            missing: dir.path().join("no-such-model.onnx"),
+            settings,
+            _dir: dir,
+            model,
+            corrupt,
+            batch,
+            tolerance: opts.tolerance,
+            threads: opts.threads.max(2),
+            input,
+            reference,
+        })
+    }
+
+    fn item_len(&self) -> usize {
+        REFERENCE_ROI.iter().product::<usize>()
+    }
+
+    fn shape(&self, batch: usize) -> Vec<usize> {
+        let [x, y, z] = REFERENCE_ROI;
+        vec![batch, 1, x, y, z]
+    }
+
+    fn out_shape(&self, batch: usize) -> Vec<usize> {
+        let [x, y, z] = REFERENCE_ROI;
+        vec![batch, 2, x, y, z]
+    }
+}
+
+/// tract's output for the reference batch, through the ordinary host.
+fn reference_output(
+    opts: &Options,
+    settings: &config::Settings,
+    model: &Path,
+    input: &[f32],
+    batch: usize,
+) -> Result<Vec<f32>, String> {
+    let mut host = PluginHost::new(settings.plugin_dirs.clone());
+    match &opts.reference {
+        Some(lib) => {
+            host.load_library(lib)
+                .map_err(|e| format!("reference backend: {e}"))?;
+        }
+        None => {
+            host.discover();
+        }
+    }
+    let backend: Arc<dyn Backend> = host
+        .backend(REFERENCE_BACKEND)
+        .map_err(|e| format!("reference backend: {e} (give its library with --reference)"))?;
+    let m = backend
+        .load(model, &settings.load_options(REFERENCE_BACKEND))
+        .map_err(|e| format!("reference backend: {e}"))?;
+    let [x, y, z] = REFERENCE_ROI;
+    let out = m
+        .run(input, &[batch, 1, x, y, z])
+        .map_err(|e| format!("reference backend: {e}"))?;
+    Ok(out.into_vec())
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.is_nan() || y.is_nan() {
+                f32::INFINITY
+            } else {
+                (x - y).abs()
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
+struct BackendUnderTest<'a> {
+    table: &'static Infl8PluginTable,
+    index: u32,
+    name: &'a str,
+    options: String,
+    ctx: &'a Context,
+}
+
+// SAFETY: the table is static, read-only plugin memory whose functions the
+// ABI makes callable from any thread; the rest is plain shared data.
+unsafe impl Sync for BackendUnderTest<'_> {}
+
+impl BackendUnderTest<'_> {
+    fn run(&self, r: &mut Runner<'_>) {
+        let b = Some(self.name);
+        let checks: [(&str, &dyn Fn() -> Verdict); 11] = [
+            (BACKEND_CHECKS[0], &|| self.load_reference()),
+            (BACKEND_CHECKS[1], &|| self.model_io()),
+            (BACKEND_CHECKS[2], &|| self.run_vs_reference(1)),
+            (BACKEND_CHECKS[3], &|| self.run_vs_reference(self.ctx.batch)),
+            (BACKEND_CHECKS[4], &|| self.batch_independent()),
+            (BACKEND_CHECKS[5], &|| {
+                self.refuses_file(&self.ctx.missing, "missing")
+            }),
+            (BACKEND_CHECKS[6], &|| {
+                self.refuses_file(&self.ctx.corrupt, "corrupt")
+            }),
+            (BACKEND_CHECKS[7], &|| self.wrong_shapes()),
+            (BACKEND_CHECKS[8], &|| self.invalid_arguments()),
+            (BACKEND_CHECKS[9], &|| self.error_buffer()),
+            (BACKEND_CHECKS[10], &|| self.concurrent()),
+        ];
+        for (name, f) in checks {
+            r.check(name, b, f);
+        }
+    }
+
+    fn load(&self) -> Result<RawModel, String> {
+        RawModel::load(self.table, self.index, &self.ctx.model, &self.options)
+            .map_err(|s| format!("loading the reference model failed: {s}"))
+    }
+
+    fn load_reference(&self) -> Verdict {
+        let started = std::time::Instant::now();
+        let m = self.load()?;
+        drop(m);
+        Ok(format!(
+            "{}x{}x{} head-mask Conv3d model loaded and freed in {:.0} ms",
+            REFERENCE_ROI[0],
+            REFERENCE_ROI[1],
+            REFERENCE_ROI[2],
+            started.elapsed().as_secs_f64() * 1e3
+        ))
+    }
+
+    fn model_io(&self) -> Verdict {
+        let m = self.load()?;
+        let (io, guard) = m.io().map_err(|s| format!("model_io: {s}"))?;
+        if !guard {
+            return Err(format!(
+                "model_io wrote past struct_size ({} bytes)",
+                Infl8ModelIo::MIN_SIZE
+            ));
+        }
+        let desc = |d: &Infl8TensorDesc, what: &str| -> Result<(String, Vec<i64>), String> {
+            let name = raw::plugin_str(d.name).map_err(|e| format!("{what} name: {e}"))?;
+            if d.rank as usize > INFL8_MAX_RANK {
+                return Err(format!("{what} rank {} exceeds {INFL8_MAX_RANK}", d.rank));
+            }
+            Ok((name, d.dims[..d.rank as usize].to_vec()))
+        };
+        let (in_name, in_dims) = desc(&io.input, "input")?;
+        let (out_name, out_dims) = desc(&io.output, "output")?;
+        let [x, y, z] = REFERENCE_ROI.map(|v| v as i64);
+        if in_dims.len() != 5 || in_dims[1..] != [1, x, y, z] {
+            return Err(format!(
+                "input `{in_name}` is {in_dims:?}; the model declares [N, 1, {x}, {y}, {z}]"
+            ));
+        }
+        if in_dims[0] != INFL8_DIM_SYMBOLIC {
+            return Err(format!(
+                "input batch is {}; the model's batch is symbolic (INFL8_DIM_SYMBOLIC)",
+                in_dims[0]
+            ));
+        }
+        if out_dims.len() != 5 || out_dims[1..] != [2, x, y, z] {
+            return Err(format!(
+                "output `{out_name}` is {out_dims:?}; the model declares [N, 2, {x}, {y}, {z}]"
+            ));
+        }
+        Ok(format!(
+            "{in_name} {in_dims:?} -> {out_name} {out_dims:?} (-1 = symbolic); no byte written past struct_size"
+        ))
+    }
+
+    fn reference(&self) -> Result<&[f32], String> {
+        self.ctx.reference.as_deref().map_err(Clone::clone)
+    }
+
+    fn compare(&self, got: &raw::Output, batch: usize, want: &[f32]) -> Verdict {
+        let shape = self.ctx.out_shape(batch);
+        if got.shape != shape {
+            return Err(format!("output shape {:?}, expected {shape:?}", got.shape));
+        }
+        let d = max_abs_diff(&got.data, want);
+        if d > self.ctx.tolerance {
+            return Err(format!(
+                "max |diff| from tract {d:.3e} > tolerance {:.1e}",
+                self.ctx.tolerance
+            ));
+        }
+        Ok(format!(
+            "shape {shape:?}, max |diff| from tract {d:.2e} (tolerance {:.0e})",
+            self.ctx.tolerance
+        ))
+    }
+
+    fn run_vs_reference(&self, batch: usize) -> Verdict {
+        let reference = self.reference()?;
+        let m = self.load()?;
+        let n = batch * self.ctx.item_len();
+        let out = m
+            .run(&self.ctx.input[..n], &self.ctx.shape(batch))
+            .map_err(|s| format!("model_run (batch {batch}): {s}"))?;
+        self.compare(&out, batch, &reference[..2 * n])
+    }
+
+    fn batch_independent(&self) -> Verdict {
+        let m = self.load()?;
+        let len = self.ctx.item_len();
+        let whole = m
+            .run(&self.ctx.input, &self.ctx.shape(self.ctx.batch))
+            .map_err(|s| format!("model_run (batch {}): {s}", self.ctx.batch))?;
+        let mut worst = 0f32;
+        for i in 0..self.ctx.batch {
+            let one = m
+                .run(&self.ctx.input[i * len..(i + 1) * len], &self.ctx.shape(1))
+                .map_err(|s| format!("model_run (item {i}): {s}"))?;
+            let part = whole
+                .data
+                .get(i * 2 * len..(i + 1) * 2 * len)
+                .ok_or_else(|| format!("the batch output holds {} values", whole.data.len()))?;
+            worst = worst.max(max_abs_diff(&one.data, part));
+        }
+        if worst > self.ctx.tolerance {
+            return Err(format!(
+                "an item run alone differs from the same item in a batch by {worst:.3e}"
+            ));
+        }
+        Ok(format!(
+            "each of {} items alone = its slice of the batch (max |diff| {worst:.2e})",
+            self.ctx.batch
+        ))
+    }
+
+    fn refuses_file(&self, path: &Path, what: &str) -> Verdict {
+        match RawModel::load(self.table, self.index, path, &self.options) {
+            Ok(_) => Err(format!("model_load of a {what} file returned OK")),
+            Err(s) if s.code == INFL8_LOAD_FAILED && !s.message.trim().is_empty() => {
+                Ok(format!("LOAD_FAILED: {}", s.message))
+            }
+            Err(s) if s.code == INFL8_LOAD_FAILED => {
+                Err("LOAD_FAILED with an empty message: say what is wrong".into())
+            }
+            Err(s) => Err(format!("{s}; expected LOAD_FAILED")),
+        }
+    }
+
+    fn wrong_shapes(&self) -> Verdict {
+        let m = self.load()?;
+        let [x, y, z] = REFERENCE_ROI;
+        let cases: [(Vec<usize>, &[i32]); 3] = [
+            (vec![1, 1, x / 2, y / 2, z / 2], &[INFL8_SHAPE_MISMATCH]),
+            (vec![1, 2, x, y, z], &[INFL8_SHAPE_MISMATCH]),
+            (
+                vec![1, x, y, z],
+                &[INFL8_SHAPE_MISMATCH, INFL8_INVALID_ARGUMENT],
+            ),
+        ];
+        let mut seen = Vec::new();
+        for (shape, want) in cases {
+            let n: usize = shape.iter().product();
+            let data = vec![0.5f32; n];
+            match m.run(&data, &shape) {
+                Ok(out) => {
+                    return Err(format!(
+                        "input {shape:?} was accepted (output {:?})",
+                        out.shape
+                    ));
+                }
+                Err(s) => {
+                    expect_codes(s.code, want, &format!("run {shape:?}"))?;
+                    if s.message.trim().is_empty() {
+                        return Err(format!("run {shape:?}: refused with an empty message"));
+                    }
+                    seen.push(format!("{shape:?}: {}", s.message));
+                }
+            }
+        }
+        Ok(seen.join("; "))
+    }
+
+    fn invalid_arguments(&self) -> Verdict {
+        use std::ptr::{null, null_mut};
+        let t = self.table;
+        let (Some(load), Some(io), Some(run), Some(free), Some(tfree)) = (
+            t.model_load,
+            t.model_io,
+            t.model_run,
+            t.model_free,
+            t.tensor_free,
+        ) else {
+            return Err("null function pointers".into());
+        };
+        let m = self.load()?;
+        let path = std::ffi::CString::new(self.ctx.model.to_string_lossy().as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut err = [0u8; raw::ERR_CAP];
+        let e = err.as_mut_ptr().cast::<std::ffi::c_char>();
+        let mut handle: *mut Infl8Model = null_mut();
+        let shape: Vec<u64> = self.ctx.shape(1).iter().map(|&d| d as u64).collect();
+        let input = &self.ctx.input[..self.ctx.item_len()];
+        let mut out = raw::empty_out();
+        let mut small_out = raw::empty_out();
+        small_out.struct_size = 8;
+        let mut io_buf = [0u64; 32];
+        let io_ptr = io_buf.as_mut_ptr().cast::<Infl8ModelIo>();
+        let inv = &[INFL8_INVALID_ARGUMENT][..];
+        let rank9 = [1u64; 9];
+        // SAFETY: each call passes the ABI's types; the deliberately bad
+        // argument is one the ABI says a plugin must refuse.
+        let calls: Vec<(&str, i32, &[i32])> = unsafe {
+            vec![
+                (
+                    "model_load(path = NULL)",
+                    load(self.index, null(), null(), &mut handle, e, raw::ERR_CAP),
+                    inv,
+                ),
+                (
+                    "model_load(out_model = NULL)",
+                    load(
+                        self.index,
+                        path.as_ptr(),
+                        null(),
+                        null_mut(),
+                        e,
+                        raw::ERR_CAP,
+                    ),
+                    inv,
+                ),
+                (
+                    "model_load(backend_index = backend_count)",
+                    load(
+                        t.backend_count,
+                        path.as_ptr(),
+                        null(),
+                        &mut handle,
+                        e,
+                        raw::ERR_CAP,
+                    ),
+                    inv,
+                ),
+                (
+                    "model_io(model = NULL)",
+                    {
+                        (*io_ptr).struct_size = Infl8ModelIo::MIN_SIZE;
+                        io(null(), io_ptr, e, raw::ERR_CAP)
+                    },
+                    inv,
+                ),
+                (
+                    "model_io(out_io = NULL)",
+                    io(m.handle(), null_mut(), e, raw::ERR_CAP),
+                    inv,
+                ),
+                (
+                    "model_io(struct_size = 4)",
+                    {
+                        (*io_ptr).struct_size = 4;
+                        io(m.handle(), io_ptr, e, raw::ERR_CAP)
+                    },
+                    inv,
+                ),
+                (
+                    "model_run(model = NULL)",
+                    run(
+                        null(),
+                        input.as_ptr(),
+                        shape.as_ptr(),
+                        5,
+                        &mut out,
+                        e,
+                        raw::ERR_CAP,
+                    ),
+                    inv,
+                ),
+                (
+                    "model_run(input = NULL)",
+                    run(
+                        m.handle(),
+                        null(),
+                        shape.as_ptr(),
+                        5,
+                        &mut out,
+                        e,
+                        raw::ERR_CAP,
+                    ),
+                    inv,
+                ),
+                (
+                    "model_run(shape = NULL, rank 5)",
+                    run(
+                        m.handle(),
+                        input.as_ptr(),
+                        null(),
+                        5,
+                        &mut out,
+                        e,
+                        raw::ERR_CAP,
+                    ),
+                    inv,
+                ),
+                (
+                    "model_run(rank = 9)",
+                    run(
+                        m.handle(),
+                        input.as_ptr(),
+                        rank9.as_ptr(),
+                        9,
+                        &mut out,
+                        e,
+                        raw::ERR_CAP,
+                    ),
+                    &[
+                        INFL8_INVALID_ARGUMENT,
+                        INFL8_SHAPE_MISMATCH,
+                        INFL8_UNSUPPORTED,
+                    ],
+                ),
+                (
+                    "model_run(out = NULL)",
+                    run(
+                        m.handle(),
+                        input.as_ptr(),
+                        shape.as_ptr(),
+                        5,
+                        null_mut(),
+                        e,
+                        raw::ERR_CAP,
+                    ),
+                    inv,
+                ),
+                (
+                    "model_run(out->struct_size = 8)",
+                    run(
+                        m.handle(),
+                        input.as_ptr(),
+                        shape.as_ptr(),
+                        5,
+                        &mut small_out,
+                        e,
+                        raw::ERR_CAP,
+                    ),
+                    inv,
+                ),
+                ("model_free(NULL)", free(null_mut()), &[INFL8_OK]),
+                ("tensor_free(NULL)", tfree(null_mut()), &[INFL8_OK]),
+            ]
+        };
+        if !handle.is_null() {
+            // SAFETY: a handle a refused call should not have produced;
+            // release it rather than leak.
+            unsafe { free(handle) };
+            return Err("a refused model_load still stored a handle".into());
+        }
+        let mut failures = Vec::new();
+        for (call, code, want) in &calls {
+            if let Err(e) = expect_codes(*code, want, call) {
+                failures.push(e);
+            }
+        }
+        if failures.is_empty() {
+            Ok(format!("{} bad calls refused without a crash", calls.len()))
+        } else {
+            Err(failures.join("; "))
+        }
+    }
+
+    fn error_buffer(&self) -> Verdict {
+        let run = self.table.model_run.ok_or("no model_run")?;
+        let m = self.load()?;
+        let bad: Vec<u64> = vec![1, 2, 3];
+        let data = [0f32; 6];
+        const CAP: usize = 12;
+        let mut buf = [0xAAu8; 64];
+        let mut out = raw::empty_out();
+        // SAFETY: a 3-value shape over 6 values; the buffer holds 64 bytes
+        // of which CAP are offered.
+        let code = unsafe {
+            run(
+                m.handle(),
+                data.as_ptr(),
+                bad.as_ptr(),
+                3,
+                &mut out,
+                buf.as_mut_ptr().cast(),
+                CAP,
+            )
+        };
+        if code == INFL8_OK {
+            return Err("a [1, 2, 3] input was accepted".into());
+        }
+        if buf[CAP..].iter().any(|&b| b != 0xAA) {
+            return Err(format!("the message was written past err_cap = {CAP}"));
+        }
+        let Some(nul) = buf[..CAP].iter().position(|&b| b == 0) else {
+            return Err(format!("no NUL terminator within err_cap = {CAP}"));
+        };
+        let text = std::str::from_utf8(&buf[..nul])
+            .map_err(|_| "the truncated message is not valid UTF-8".to_string())?;
+        let mut zero = [0xAAu8; 8];
+        // SAFETY: a null buffer with cap 0, then a real one with cap 0:
+        // the plugin must write nothing.
+        let (code_null, code_zero) = unsafe {
+            (
+                run(
+                    m.handle(),
+                    data.as_ptr(),
+                    bad.as_ptr(),
+                    3,
+                    &mut out,
+                    std::ptr::null_mut(),
+                    0,
+                ),
+                run(
+                    m.handle(),
+                    data.as_ptr(),
+                    bad.as_ptr(),
+                    3,
+                    &mut out,
+                    zero.as_mut_ptr().cast(),
+                    0,
+                ),
+            )
+        };
+        if code_null != code || code_zero != code {
+            return Err(format!(
+                "the status changed with the error buffer: {} with one, {} with none",
+                status_name(code),
+                status_name(code_null)
+            ));
+        }
+        if zero.iter().any(|&b| b != 0xAA) {
+            return Err("a message was written into a buffer with err_cap = 0".into());
+        }
+        Ok(format!(
+            "{} truncated to `{text}` within {CAP} bytes; null/0-capacity buffers untouched",
+            status_name(code)
+        ))
+    }
+
+    fn concurrent(&self) -> Verdict {
+        let reference = self.reference()?;
+        let m = self.load()?;
+        let len = self.ctx.item_len();
+        let ctx = self.ctx;
+        let m = &m;
+        let results: Vec<Result<f32, String>> = std::thread::scope(|s| {
+            let mut handles = Vec::new();
+            for t in 0..ctx.threads {
+                handles.push(s.spawn(move || {
+                    let mut worst = 0f32;
+                    for k in 0..3 {
+                        let i = (t + k) % ctx.batch;
+                        let out = m
+                            .run(&ctx.input[i * len..(i + 1) * len], &ctx.shape(1))
+                            .map_err(|s| format!("thread {t} run {k}: {s}"))?;
+                        let want = &reference[i * 2 * len..(i + 1) * 2 * len];
+                        if out.data.len() != want.len() {
+                            return Err(format!("thread {t} run {k}: {} values", out.data.len()));
+                        }
+                        worst = worst.max(max_abs_diff(&out.data, want));
+                    }
+                    Ok(worst)
+                }));
+            }
+            // Loads and frees on other threads, while the runs go on.
+            for _ in 0..2 {
+                handles.push(s.spawn(|| {
+                    let other = self.load()?;
+                    let out = other
+                        .run(&ctx.input[..len], &ctx.shape(1))
+                        .map_err(|s| format!("a model loaded on another thread: {s}"))?;
+                    Ok(max_abs_diff(&out.data, &reference[..2 * len]))
+                }));
+            }
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("a thread panicked".into())))
+                .collect()
+        });
+        let mut worst = 0f32;
+        for r in results {
+            worst = worst.max(r?);
+        }
+        if worst > self.ctx.tolerance {
+            return Err(format!(
+                "concurrent runs differ from tract by {worst:.3e} > {:.1e}",
+                self.ctx.tolerance
+            ));
+        }
+        Ok(format!(
+            "{} threads x 3 runs on one handle + 2 loads on other threads; max |diff| {worst:.2e}",
+            self.ctx.threads
+        ))
+    }
+}
