@@ -17,8 +17,9 @@ use infl8_core::{Backend, Model};
 use tracing::{error, info, warn};
 
 use crate::flags::{ExampleModelArgs, InfoArgs, PluginsArgs, RuntimeArgs, SegmentArgs};
+use crate::limits::{Deadline, DeadlineModel};
 
-fn settings_for(runtime: &RuntimeArgs, layer: &serde_json::Value) -> Result<Settings> {
+pub(crate) fn settings_for(runtime: &RuntimeArgs, layer: &serde_json::Value) -> Result<Settings> {
     Ok(config::load(runtime.config.as_deref(), None, layer)?)
 }
 
@@ -42,7 +43,7 @@ fn load_model(settings: &Settings, model: &Path) -> Result<(Arc<dyn Backend>, Bo
     Ok((loaded.backend, loaded.model))
 }
 
-fn is_nifti(p: &Path) -> bool {
+pub(crate) fn is_nifti(p: &Path) -> bool {
     let name = p
         .file_name()
         .map(|n| n.to_string_lossy().to_lowercase())
@@ -60,6 +61,11 @@ struct Job {
 
 /// `name.nii.gz` / `name.nii` -> `name.png`.
 fn preview_name(input_name: &std::ffi::OsStr) -> String {
+    format!("{}.png", nifti_stem(input_name))
+}
+
+/// `name.nii.gz` / `name.nii` -> `name` (other names unchanged).
+pub(crate) fn nifti_stem(input_name: &std::ffi::OsStr) -> String {
     let name = input_name.to_string_lossy();
     let b = name.as_bytes();
     let has = |suffix: &str| {
@@ -74,7 +80,7 @@ fn preview_name(input_name: &std::ffi::OsStr) -> String {
     } else {
         &name
     };
-    format!("{stem}.png")
+    stem.to_string()
 }
 
 /// The jobs for a file or a folder.
@@ -183,23 +189,11 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
             }
         }
     }
-    let (backend, model) = load_model(&settings, &a.model)?;
-    let (manifest, origin) =
-        manifest::resolve(&a.model, model.input(), model.output(), &settings.model)?;
-    info!(
-        model = %a.model.display(),
-        backend = backend.name(),
-        manifest = %origin,
-        input = %model.input(),
-        output = %model.output(),
-        "model loaded"
-    );
-    let segmenter = Segmenter {
-        model,
-        window_batch: settings.window_batch,
-        postprocess: settings.postprocess.effective(manifest.postprocess),
-        manifest,
-    };
+    let Prepared {
+        segmenter,
+        deadline,
+        ..
+    } = prepare(&settings, &a.model)?;
     let limits = settings.limits.read_limits();
     let mut reports: Vec<SegmentReport> = Vec::new();
     let mut failures = 0usize;
@@ -228,6 +222,7 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
             bar.set_position(done);
         };
         let mut preview_result = None;
+        deadline.start();
         let result = segmenter.segment_file_with(
             &job.input,
             &job.output,
@@ -275,10 +270,15 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
             }
             Err(e) => {
                 failures += 1;
+                let e = if deadline.expired() {
+                    deadline.error(&job.input)
+                } else {
+                    e.into()
+                };
                 if n == 1 {
-                    return Err(e.into());
+                    return Err(e);
                 }
-                error!("{e}");
+                error!("{e:#}");
             }
         }
     }
@@ -304,7 +304,52 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// A model loaded and resolved against its manifest, the window batch sized
+/// by the memory budget, and the per-volume deadline armed: how `segment`
+/// and `watch` run a model.
+pub(crate) struct Prepared {
+    pub segmenter: Segmenter,
+    /// The backend of the chain that loaded the model.
+    pub backend: String,
+    /// Restart with [`Deadline::start`] before each volume.
+    pub deadline: Deadline,
+}
+
+pub(crate) fn prepare(settings: &Settings, model_path: &Path) -> Result<Prepared> {
+    let (backend, model) = load_model(settings, model_path)?;
+    let (manifest, origin) =
+        manifest::resolve(model_path, model.input(), model.output(), &settings.model)?;
+    info!(
+        model = %model_path.display(),
+        backend = backend.name(),
+        manifest = %origin,
+        input = %model.input(),
+        output = %model.output(),
+        "model loaded"
+    );
+    let window_batch = crate::limits::window_batch(
+        settings.window_batch,
+        &settings.limits,
+        &manifest,
+        model.as_ref(),
+    )?;
+    let deadline = Deadline::new(settings.limits.timeout_s);
+    Ok(Prepared {
+        segmenter: Segmenter {
+            model: DeadlineModel::wrap(model, &deadline),
+            window_batch,
+            postprocess: settings.postprocess.effective(manifest.postprocess),
+            manifest,
+        },
+        backend: backend.name().to_string(),
+        deadline,
+    })
+}
+
+/// Writes `bytes` to a temporary name next to `path`, fsyncs it, renames it
+/// over `path` and fsyncs the folder, so a reader (or a restart after a
+/// crash) sees the old file or the whole new one.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let dir = path
         .parent()
@@ -319,7 +364,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
     })();
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);

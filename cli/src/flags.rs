@@ -42,15 +42,8 @@ pub struct SegmentArgs {
     pub runtime: RuntimeArgs,
     #[command(flatten)]
     pub model_flags: ModelArgs,
-    /// Keep only the largest connected component of each label.
-    #[arg(long)]
-    pub largest_component: bool,
-    /// Fill background enclosed by one label.
-    #[arg(long)]
-    pub fill_holes: bool,
-    /// Skip the clean-up the model's manifest asks for.
-    #[arg(long)]
-    pub no_model_postprocess: bool,
+    #[command(flatten)]
+    pub post: PostprocessArgs,
     /// Also write the blended per-class logits (float32 NIfTI, channel last).
     #[arg(long, value_name = "PATH")]
     pub save_logits: Option<PathBuf>,
@@ -65,6 +58,39 @@ pub struct SegmentArgs {
     /// (one <name>.png per input).
     #[arg(long, value_name = "OUT.png|DIR")]
     pub preview: Option<PathBuf>,
+}
+
+/// Label-map clean-up flags (`segment` and `watch`).
+#[derive(Args, Debug, Default)]
+pub struct PostprocessArgs {
+    /// Keep only the largest connected component of each label.
+    #[arg(long)]
+    pub largest_component: bool,
+    /// Fill background enclosed by one label.
+    #[arg(long)]
+    pub fill_holes: bool,
+    /// Skip the clean-up the model's manifest asks for.
+    #[arg(long)]
+    pub no_model_postprocess: bool,
+}
+
+impl PostprocessArgs {
+    /// Adds the `postprocess` table the flags ask for to a config layer.
+    pub fn add_to(&self, top: &mut Map<String, Value>) {
+        let mut post = Map::new();
+        if self.largest_component {
+            put(&mut post, "largest_component", json!(true));
+        }
+        if self.fill_holes {
+            put(&mut post, "fill_holes", json!(true));
+        }
+        if self.no_model_postprocess {
+            put(&mut post, "ignore_model", json!(true));
+        }
+        if !post.is_empty() {
+            put(top, "postprocess", Value::Object(post));
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -125,19 +151,7 @@ impl SegmentArgs {
         if !model.is_empty() {
             put(&mut top, "model", Value::Object(model));
         }
-        let mut post = serde_json::Map::new();
-        if self.largest_component {
-            put(&mut post, "largest_component", json!(true));
-        }
-        if self.fill_holes {
-            put(&mut post, "fill_holes", json!(true));
-        }
-        if self.no_model_postprocess {
-            put(&mut post, "ignore_model", json!(true));
-        }
-        if !post.is_empty() {
-            put(&mut top, "postprocess", Value::Object(post));
-        }
+        self.post.add_to(&mut top);
         if let Some(v) = self.max_voxels {
             put(&mut top, "limits", json!({"max_voxels": v}));
         }

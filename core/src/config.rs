@@ -67,7 +67,10 @@ pub struct Settings {
 
 /// See [`Settings::precision`].
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+// Through `FromStr`: the `config` crate's own enum error ("enum Precision
+// does not have variant constructor fp8") names neither the accepted values
+// nor, for a user, the setting.
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum Precision {
     #[default]
     Fp32,
@@ -76,12 +79,36 @@ pub enum Precision {
 }
 
 impl Precision {
+    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Fp16, Precision::Int8];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
             Precision::Int8 => "int8",
         }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    /// `fp32`, `fp16` or `int8`, in any case (environment variables are
+    /// often written in upper case).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let want = s.trim().to_ascii_lowercase();
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.as_str() == want)
+            .ok_or_else(|| format!("`{s}` is not a precision (expected fp32, fp16 or int8)"))
+    }
+}
+
+impl TryFrom<String> for Precision {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
 }
 
@@ -97,6 +124,10 @@ pub struct WatchSettings {
     /// Move inputs to `<outbox>/done/` (true) or leave them in the inbox and
     /// only record them in the journal (false).
     pub move_inputs: bool,
+    /// Attempts at one input that ended with the service itself dying (a
+    /// crash, `kill -9`, power loss) before the input counts as poison and
+    /// goes to `failed/`.
+    pub max_attempts: u32,
 }
 
 impl Default for WatchSettings {
@@ -105,6 +136,7 @@ impl Default for WatchSettings {
             stable_secs: 2.0,
             poll_ms: 500,
             move_inputs: true,
+            max_attempts: 3,
         }
     }
 }
@@ -165,6 +197,7 @@ impl Limits {
         ReadLimits {
             max_voxels: self.max_voxels,
             allow_nonfinite: self.nonfinite,
+            max_input_bytes: self.max_input_bytes,
         }
     }
 }
@@ -226,6 +259,43 @@ pub fn load(
     env: Option<HashMap<String, String>>,
     flags: &serde_json::Value,
 ) -> Result<Settings, ConfigError> {
+    let file_source = match file {
+        Some(f) => {
+            if !f.is_file() {
+                return Err(ConfigError::Invalid {
+                    file: Some(f.to_path_buf()),
+                    message: "the file does not exist".into(),
+                });
+            }
+            Some(config::File::from(f).required(true))
+        }
+        None => None,
+    };
+    load_layers(file, file_source, env, flags)
+}
+
+/// [`check_file`] for TOML settings already in memory; `name` stands in for
+/// the file in error messages.
+pub fn check_str(name: &Path, toml: &str) -> Result<Settings, ConfigError> {
+    let source = config::File::from_str(toml, config::FileFormat::Toml);
+    load_layers(
+        Some(name),
+        Some(source),
+        Some(HashMap::new()),
+        &serde_json::json!({}),
+    )
+}
+
+/// [`load`] once the file layer (read from `file`, or given as text) is known.
+fn load_layers<F>(
+    file: Option<&Path>,
+    file_source: Option<F>,
+    env: Option<HashMap<String, String>>,
+    flags: &serde_json::Value,
+) -> Result<Settings, ConfigError>
+where
+    F: config::Source + Clone + Send + Sync + 'static,
+{
     let invalid = |message: String| ConfigError::Invalid {
         file: file.map(Path::to_path_buf),
         message,
@@ -241,15 +311,6 @@ pub fn load(
         &defaults.to_string(),
         config::FileFormat::Json,
     ));
-    let file_source = match file {
-        Some(f) => {
-            if !f.is_file() {
-                return Err(invalid("the file does not exist".into()));
-            }
-            Some(config::File::from(f).required(true))
-        }
-        None => None,
-    };
     if let Some(src) = &file_source {
         b = b.add_source(src.clone());
     }
@@ -268,8 +329,10 @@ pub fn load(
         &flags.to_string(),
         config::FileFormat::Json,
     ));
-    let cfg = b.build().map_err(|e| invalid(e.to_string()))?;
-    let mut s: Settings = cfg.try_deserialize().map_err(|e| invalid(e.to_string()))?;
+    let cfg = b.build().map_err(|e| invalid(describe(e, file)))?;
+    let mut s: Settings = cfg
+        .try_deserialize()
+        .map_err(|e| invalid(describe(e, file)))?;
 
     // Which spelling of the chain the highest layer naming one used.
     use config::Source;
@@ -311,6 +374,78 @@ pub fn load(
     s.validate().map_err(invalid)?;
     s.backend = s.backends.join(",");
     Ok(s)
+}
+
+/// A `config` error as `key.path: what is wrong`. The crate reports an
+/// unknown key as "unknown field `x` ... for key `parent`" (the path of the
+/// table, not of the key) and a bad value with the key at the end; the key's
+/// whole path first is what a user looks for.
+fn describe(e: config::ConfigError, file: Option<&Path>) -> String {
+    use config::ConfigError as E;
+    // Where the value came from, unless that is the file the error names.
+    // `config` names a file by a path relative to the working directory.
+    let same_file = |o: &str, f: &Path| {
+        let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+        Path::new(o) == f || canonical(Path::new(o)).is_some_and(|c| Some(c) == canonical(f))
+    };
+    let from = |origin: Option<String>| match (origin, file) {
+        (Some(o), Some(f)) if same_file(&o, f) => String::new(),
+        (Some(o), _) => format!(" (from {o})"),
+        (None, _) => String::new(),
+    };
+    // `config`'s wording for a string that names no variant of an enum.
+    let bad_variant = |m: &str| {
+        let (_, value) = m
+            .strip_prefix("enum ")?
+            .split_once(" does not have variant constructor ")?;
+        Some(format!("`{value}` is not one of the accepted values"))
+    };
+    // serde's wording: "unknown field `x`, expected one of `a`, `b`".
+    let unknown = |m: &str| {
+        let rest = m.strip_prefix("unknown field `")?;
+        let (field, rest) = rest.split_once('`')?;
+        let expected = rest.trim_start_matches(',').trim();
+        Some((field.to_owned(), expected.to_owned()))
+    };
+    let unknown_key = |path: String, expected: String| {
+        if expected.is_empty() {
+            format!("{path}: unknown key")
+        } else {
+            format!("{path}: unknown key ({expected})")
+        }
+    };
+    match e {
+        E::Message(m) => match unknown(&m) {
+            Some((field, expected)) => unknown_key(field, expected),
+            None => m,
+        },
+        E::At {
+            error,
+            key: Some(key),
+            origin,
+        } => {
+            let from = from(origin);
+            match *error {
+                E::Message(m) => match unknown(&m) {
+                    Some((field, expected)) => {
+                        format!("{}{from}", unknown_key(format!("{key}.{field}"), expected))
+                    }
+                    None => format!("{key}: {}{from}", bad_variant(&m).unwrap_or(m)),
+                },
+                other => format!("{key}: {other}{from}"),
+            }
+        }
+        E::Type {
+            unexpected,
+            expected,
+            key: Some(key),
+            origin,
+        } => {
+            let from = from(origin);
+            format!("{key}: invalid type: {unexpected}, expected {expected}{from}")
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Reads and validates one settings file on its own (`infl8 config check`).
@@ -401,6 +536,9 @@ impl Settings {
         }
         if w.poll_ms == 0 {
             return Err("watch.poll_ms: must be at least 1".into());
+        }
+        if w.max_attempts == 0 {
+            return Err("watch.max_attempts: must be at least 1".into());
         }
         let m = &self.model;
         if let Some(o) = m.overlap
@@ -494,9 +632,82 @@ mod tests {
     }
 
     #[test]
+    fn error_messages_name_the_whole_key_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.toml");
+        for (text, want) in [
+            ("bakend = \"tract\"\n", "bakend: unknown key"),
+            // `config` alone says "unknown field `max_voxel` ... for key `limits`".
+            ("[limits]\nmax_voxel = 1\n", "limits.max_voxel: unknown key"),
+            ("[watch]\npoll = 1\n", "watch.poll: unknown key"),
+            ("[model]\nroi = [1, 2]\n", "model.roi: invalid length 2"),
+            ("window_batch = \"many\"\n", "window_batch: invalid type"),
+            (
+                "precision = \"fp8\"\n",
+                "precision: `fp8` is not a precision",
+            ),
+            (
+                "[limits]\nnonfinite = \"nan\"\n",
+                "limits.nonfinite: `nan` is not one of",
+            ),
+            (
+                "[backend_options]\nort = 3\n",
+                "backend_options.ort: invalid type",
+            ),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let e = check_file(&f).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("p.toml"), "{text:?}: {e}");
+            // The file is named once, not again as the value's origin.
+            assert_eq!(e.matches("p.toml").count(), 1, "{e}");
+        }
+        let e = load(None, env(&[("INFL8_LIMITS__MAX_VOXEL", "3")]), &json!({}));
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("limits.max_voxel: unknown key"), "{e}");
+        let e = load(None, env(&[("INFL8_THREADS", "x")]), &json!({}));
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.contains("threads:") && e.contains("the environment"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn precision_from_any_layer() {
+        let s = load(None, env(&[("INFL8_PRECISION", "FP16")]), &json!({})).unwrap();
+        assert_eq!(s.precision, Precision::Fp16);
+        assert_eq!(s.load_options("tract").extra["precision"], json!("fp16"));
+        let s = load(None, env(&[]), &json!({"precision": "int8"})).unwrap();
+        assert_eq!(s.precision, Precision::Int8);
+        assert_eq!(
+            serde_json::to_value(Precision::Fp16).unwrap(),
+            json!("fp16")
+        );
+    }
+
+    #[test]
     fn missing_file_is_an_error() {
         let e = check_file(Path::new("/nonexistent/x.toml")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.toml"));
+    }
+
+    #[test]
+    fn settings_text_is_checked_like_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.toml");
+        let text =
+            "backends = [\"ort-cpu\", \"tract\"]\nwindow_batch = 2\n[model]\noverlap = 0.5\n";
+        std::fs::write(&f, text).unwrap();
+        assert_eq!(
+            check_str(Path::new("p.toml"), text).unwrap(),
+            check_file(&f).unwrap()
+        );
+        for bad in ["[model]\noverlap = 1.5\n", "bakend = 1\n", "threads = "] {
+            let e = check_str(Path::new("upload.toml"), bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("upload.toml"), "{bad:?}: {e}");
+        }
     }
 
     #[test]
@@ -597,11 +808,15 @@ mod tests {
                 "device_id": 1,
                 "trt_fp16": true,
                 "trt_engine_cache_dir": "/var/cache/trt",
+                "precision": "fp32",
             })
         );
         let cpu = s.load_options("ort-cpu");
         assert_eq!(cpu.extra["trt_fp16"], json!(false));
-        assert!(s.load_options("tract").extra.is_empty());
+        assert_eq!(
+            serde_json::Value::Object(s.load_options("tract").extra),
+            json!({"precision": "fp32"})
+        );
     }
 
     #[test]
@@ -616,15 +831,16 @@ mod tests {
                 n += 1;
             }
         }
-        assert!(n >= 3, "profiles found in {}: {n}", dir.display());
-        let jetson = check_file(&dir.join("jetson-orin.toml")).unwrap();
+        assert!(n >= 5, "profiles found in {}: {n}", dir.display());
+        let nano = check_file(&dir.join("jetson-orin-nano.toml")).unwrap();
+        assert_eq!(nano.backend_chain(), ["ort-tensorrt", "ort-cuda", "tract"]);
+        assert_eq!(nano.precision, Precision::Fp16);
         assert_eq!(
-            jetson.backend_chain(),
-            ["ort-tensorrt", "ort-cuda", "tract"]
+            nano.load_options("ort-tensorrt").extra["precision"],
+            serde_json::json!("fp16")
         );
-        assert_eq!(
-            jetson.load_options("ort-tensorrt").extra["trt_fp16"],
-            serde_json::json!(true)
-        );
+        assert!(nano.limits.memory_budget_mb > 0);
+        let pi = check_file(&dir.join("arm64-cpu.toml")).unwrap();
+        assert_eq!((pi.backend_chain(), pi.threads), (vec!["tract".into()], 4));
     }
 }

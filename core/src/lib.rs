@@ -10,6 +10,10 @@ pub mod backend;
 pub mod cli_args;
 pub mod config;
 pub mod dataset;
+/// Entry points of the `cargo fuzz` targets (`fuzz/`), not a stable API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inference;
 pub mod manifest;
 pub mod metrics;

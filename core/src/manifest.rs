@@ -251,6 +251,17 @@ pub fn sidecar_path(model: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The manifest in a decoded model's `infl8.manifest` metadata entry, if it
+/// has one; `model_path` names the model in errors.
+pub fn from_metadata(
+    model: &infl8_onnx::ModelProto,
+    model_path: &Path,
+) -> Result<Option<Manifest>, ManifestError> {
+    infl8_onnx::metadata(model, infl8_onnx::MANIFEST_KEY)
+        .map(|json| Manifest::from_json(json, model_path, "ONNX metadata infl8.manifest"))
+        .transpose()
+}
+
 /// Finds the manifest of a model file (metadata, then sidecar), without
 /// overrides. `Ok(None)` when the model carries none.
 pub fn find(model_path: &Path) -> Result<Option<(Manifest, ManifestOrigin)>, ManifestError> {
@@ -258,8 +269,7 @@ pub fn find(model_path: &Path) -> Result<Option<(Manifest, ManifestOrigin)>, Man
         path: model_path.to_path_buf(),
         source,
     })?;
-    if let Some(json) = infl8_onnx::metadata(&model, infl8_onnx::MANIFEST_KEY) {
-        let m = Manifest::from_json(json, model_path, "ONNX metadata infl8.manifest")?;
+    if let Some(m) = from_metadata(&model, model_path)? {
         return Ok(Some((m, ManifestOrigin::Metadata)));
     }
     let sidecar = sidecar_path(model_path);
@@ -469,5 +479,27 @@ pub fn parse_blend(s: &str) -> Option<BlendMode> {
         "gaussian" => Some(BlendMode::Gaussian),
         "constant" => Some(BlendMode::Constant),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fuzzer finding (core/tests/fuzz-regressions/manifest_parse/): this
+    /// percentile was read as one f64, written as its shortest form, and
+    /// read back as the next f64 up.
+    #[test]
+    fn floats_read_back_bit_for_bit() {
+        let hi = "9".to_string() + &"5".repeat(106) + ".0";
+        let json = format!(
+            r#"{{"input_channels":1,"labels":["background","head"],
+                "inference":{{"kind":"sliding_window","roi":[64,64,64],"sigma_scale":0.126}},
+                "preprocess":{{"normalization":{{"kind":"percentile","lo":1.0,"hi":{hi}}}}}}}"#
+        );
+        let p = Path::new("m.json");
+        let m = Manifest::from_json(&json, p, "sidecar").unwrap();
+        let again = Manifest::from_json(&m.to_json(), p, "sidecar").unwrap();
+        assert_eq!(again, m, "{}", m.to_json());
     }
 }

@@ -71,6 +71,17 @@ pub enum NiftiIoError {
         voxels: u128,
         max: u64,
     },
+    #[error(
+        "{}: {what} is {bytes} bytes, more than the limit of {max} (limits.max_input_bytes)",
+        .path.display()
+    )]
+    InputBytes {
+        path: PathBuf,
+        /// Which size: the file on disk or the voxel data its header declares.
+        what: &'static str,
+        bytes: u128,
+        max: u64,
+    },
     #[error("{}: truncated file: {detail}", .path.display())]
     Truncated { path: PathBuf, detail: String },
     #[error("{}: corrupt gzip stream: {source}", .path.display())]
@@ -113,6 +124,9 @@ pub struct ReadLimits {
     /// Largest accepted product of all dims (X * Y * Z * channels).
     pub max_voxels: u64,
     pub allow_nonfinite: NonFinite,
+    /// Largest accepted file on disk and largest uncompressed voxel data the
+    /// header may declare, in bytes; 0 = no limit beyond `max_voxels`.
+    pub max_input_bytes: u64,
 }
 
 impl Default for ReadLimits {
@@ -120,6 +134,7 @@ impl Default for ReadLimits {
         ReadLimits {
             max_voxels: 512 * 512 * 512 * 4,
             allow_nonfinite: NonFinite::Reject,
+            max_input_bytes: 0,
         }
     }
 }
@@ -266,12 +281,46 @@ struct Layout {
 pub fn read_volume(path: &Path, limits: &ReadLimits) -> Result<Volume, NiftiIoError> {
     let file = File::open(path).map_err(io_err(path, "open"))?;
     let file_len = file.metadata().map_err(io_err(path, "stat"))?.len();
-    let mut buffered = BufReader::with_capacity(1 << 20, file);
+    read_volume_from(
+        path,
+        BufReader::with_capacity(1 << 20, file),
+        file_len,
+        limits,
+    )
+}
+
+/// [`read_volume`] for a file already in memory (a network upload, a fuzzer's
+/// input): the same checks and errors, with `name` standing in for the path
+/// in error messages.
+pub fn read_volume_bytes(
+    name: &Path,
+    bytes: &[u8],
+    limits: &ReadLimits,
+) -> Result<Volume, NiftiIoError> {
+    read_volume_from(name, bytes, bytes.len() as u64, limits)
+}
+
+/// The reader behind [`read_volume`]: `file_len` is the size of the whole
+/// (possibly compressed) input, which bounds what its header may declare.
+fn read_volume_from<R: BufRead>(
+    path: &Path,
+    mut buffered: R,
+    file_len: u64,
+    limits: &ReadLimits,
+) -> Result<Volume, NiftiIoError> {
+    if limits.max_input_bytes > 0 && file_len > limits.max_input_bytes {
+        return Err(NiftiIoError::InputBytes {
+            path: path.to_path_buf(),
+            what: "the file",
+            bytes: u128::from(file_len),
+            max: limits.max_input_bytes,
+        });
+    }
     let gz = {
         let head = buffered.fill_buf().map_err(io_err(path, "read"))?;
         head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b
     };
-    let mut src: Box<dyn Read> = if gz {
+    let mut src: Box<dyn Read + '_> = if gz {
         Box::new(GzMembers::new(buffered))
     } else {
         Box::new(buffered)
@@ -579,6 +628,15 @@ fn validate_header(
     }
     let vox_offset = vox as u64;
     let data_bytes = voxels * datatype.size() as u128;
+    // Checked from the header alone: a small .nii.gz may inflate to far more.
+    if limits.max_input_bytes > 0 && data_bytes > u128::from(limits.max_input_bytes) {
+        return Err(NiftiIoError::InputBytes {
+            path: path.to_path_buf(),
+            what: "the voxel data the header declares",
+            bytes: data_bytes,
+            max: limits.max_input_bytes,
+        });
+    }
     let needed = u128::from(vox_offset) + data_bytes;
     if gz {
         if u128::from(file_len) * u128::from(GZ_MAX_RATIO) < needed {
@@ -1487,6 +1545,36 @@ mod tests {
     }
 
     #[test]
+    fn reading_from_bytes_matches_reading_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = identity_volume([5, 4, 3], 2);
+        for name in ["v.nii", "v.nii.gz"] {
+            let p = dir.path().join(name);
+            write_volume(&p, &vol, DataType::I16).unwrap();
+            let bytes = fs::read(&p).unwrap();
+            let from_file = read_volume(&p, &ReadLimits::default()).unwrap();
+            let from_bytes =
+                read_volume_bytes(Path::new(name), &bytes, &ReadLimits::default()).unwrap();
+            assert_eq!(from_bytes.data, from_file.data);
+            assert_eq!(from_bytes.affine, from_file.affine);
+            assert_eq!(from_bytes.header, from_file.header);
+
+            // Same checks, with the given name in the message.
+            let err = read_volume_bytes(
+                Path::new("upload.nii"),
+                &bytes[..bytes.len() - 1],
+                &ReadLimits::default(),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, NiftiIoError::Truncated { .. }),
+                "{name}: {err}"
+            );
+            assert!(err.to_string().contains("upload.nii"), "{err}");
+        }
+    }
+
+    #[test]
     fn failed_write_leaves_no_temp_and_keeps_the_old_file() {
         let dir = tempfile::tempdir().unwrap();
         let mut vol = identity_volume([3, 3, 3], 1);
@@ -1504,5 +1592,60 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn max_input_bytes_checks_the_file_and_the_declared_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = identity_volume([8, 8, 8], 1);
+        let raw = dir.path().join("raw.nii");
+        write_volume(&raw, &vol, DataType::F32).unwrap();
+        let file_len = fs::metadata(&raw).unwrap().len();
+        let limits = |max| ReadLimits {
+            max_input_bytes: max,
+            ..ReadLimits::default()
+        };
+        // The file itself: refused from its size before anything is read.
+        let err = read_volume(&raw, &limits(file_len - 1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NiftiIoError::InputBytes {
+                    what: "the file",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("raw.nii") && msg.contains("limits.max_input_bytes"),
+            "{msg}"
+        );
+        read_volume(&raw, &limits(file_len)).unwrap();
+        read_volume(&raw, &limits(0)).unwrap();
+
+        // A gzip file far smaller than its voxels: the declared size decides.
+        let gz = dir.path().join("zeros.nii.gz");
+        let zeros = Volume {
+            data: Array4::zeros((1, 32, 32, 32)),
+            ..vol.clone()
+        };
+        write_volume(&gz, &zeros, DataType::F32).unwrap();
+        let gz_len = fs::metadata(&gz).unwrap().len();
+        let declared = 32 * 32 * 32 * 4;
+        assert!(gz_len < declared / 4, "{gz_len}");
+        let err = read_volume(&gz, &limits(declared - 1)).unwrap_err();
+        match &err {
+            NiftiIoError::InputBytes {
+                what, bytes, max, ..
+            } => {
+                assert!(what.contains("header declares"), "{err}");
+                assert_eq!(*bytes, u128::from(declared));
+                assert_eq!(*max, declared - 1);
+            }
+            other => panic!("expected InputBytes, got {other}"),
+        }
+        read_volume(&gz, &limits(declared)).unwrap();
     }
 }

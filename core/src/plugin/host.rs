@@ -838,7 +838,10 @@ impl ModelHandle {
 
 /// A descriptor as a [`TensorInfo`]. A symbolic first dimension is the batch
 /// (`N`); other symbolic dimensions are unnamed in ABI 1 (`?`).
-fn tensor_info(desc: &Infl8TensorDesc, default_name: &str) -> Result<TensorInfo, String> {
+pub(crate) fn tensor_info(
+    desc: &Infl8TensorDesc,
+    default_name: &str,
+) -> Result<TensorInfo, String> {
     let rank = desc.rank as usize;
     if rank > INFL8_MAX_RANK {
         return Err(format!("rank {rank} exceeds {INFL8_MAX_RANK}"));
@@ -934,27 +937,46 @@ impl Model for PluginModel {
                 fns.library.display()
             ))
         };
-        let (out_shape, len) = check_output(&out).map_err(invalid)?;
-        if !self.output.accepts(&out_shape) {
-            return Err(invalid(format!(
-                "shape {out_shape:?} does not fit the declared output {}",
-                self.output
-            )));
-        }
-        let batch_is_symbolic =
-            |info: &TensorInfo| matches!(info.shape.first(), Some(Dim::Symbolic(_)));
-        if batch_is_symbolic(&self.input)
-            && batch_is_symbolic(&self.output)
-            && out_shape.first() != shape.first()
-        {
-            return Err(invalid(format!(
-                "batch of {} for an input batch of {}",
-                out_shape[0], shape[0]
-            )));
-        }
+        let (out_shape, len) =
+            check_run_output(&out, &self.input, &self.output, shape).map_err(invalid)?;
         buffer.len = len;
         Tensor::from_foreign(out_shape, Box::new(buffer))
     }
+}
+
+/// Everything the host checks about the tensor a plugin's `model_run`
+/// returned for an input of `in_shape`, before it trusts the buffer: the
+/// descriptor itself, the model's declared output, and a symbolic batch
+/// that must match the input's. Yields its shape and length. Pure (the data
+/// pointer is checked, never read), so it can be fuzzed without a plugin.
+pub(crate) fn check_run_output(
+    out: &Infl8TensorOut,
+    input: &TensorInfo,
+    output: &TensorInfo,
+    in_shape: &[usize],
+) -> Result<(Vec<usize>, usize), String> {
+    let (out_shape, len) = check_output(out)?;
+    if !output.accepts(&out_shape) {
+        return Err(format!(
+            "shape {out_shape:?} does not fit the declared output {output}"
+        ));
+    }
+    let batch_is_symbolic =
+        |info: &TensorInfo| matches!(info.shape.first(), Some(Dim::Symbolic(_)));
+    if batch_is_symbolic(input)
+        && batch_is_symbolic(output)
+        && out_shape.first() != in_shape.first()
+    {
+        // Not indexed: callers other than `run` need not have checked the
+        // input's rank.
+        let batch = |s: &[usize]| s.first().map_or_else(|| "none".into(), usize::to_string);
+        return Err(format!(
+            "batch of {} for an input batch of {}",
+            batch(&out_shape),
+            batch(in_shape)
+        ));
+    }
+    Ok((out_shape, len))
 }
 
 /// Checks a tensor a plugin returned; yields its shape and length.

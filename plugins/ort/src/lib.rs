@@ -6,7 +6,9 @@
 //! - `ort-cuda`: the CUDA execution provider (nodes it lacks run on CPU);
 //! - `ort-tensorrt`: TensorRT, with CUDA then CPU for what TensorRT does not
 //!   take; `trt_*` load options (fp16, int8, engine and timing caches,
-//!   workspace, DLA core).
+//!   workspace, DLA core), and the settings' `precision` (`fp16` / `int8`
+//!   switch TensorRT's FP16 / INT8 kernels on; on the other two it is a
+//!   warning: they run the model's own precision).
 //!
 //! ONNX Runtime is loaded at run time (`load-dynamic`) from the `library`
 //! load option, `ORT_DYLIB_PATH`, or the system loader (see [`runtime`]).
@@ -170,6 +172,9 @@ impl OrtModel {
         }
         for key in &parsed.other_backend {
             tracing::debug!("{name}: load option `{key}` is for another ort backend");
+        }
+        for warning in &parsed.warnings {
+            tracing::warn!("{warning}");
         }
         let options = parsed.options;
         if let Err(e) = std::fs::metadata(path) {

@@ -3,24 +3,46 @@
 //! Values come from TOML, JSON or environment variables (which arrive as
 //! strings, or as numbers and booleans where the config layer could parse
 //! them), so booleans and integers are accepted in either form.
+//!
+//! This file is also compiled into `infl8 config check` (cli/src/
+//! config_check.rs, by `#[path]`) so profiles are checked by this very
+//! parser without the CLI linking the plugin: it uses nothing of the plugin
+//! but `super::Provider`, and only infl8-core, serde_json and thiserror.
 
 use std::path::PathBuf;
 
+use infl8_core::config::Precision;
 use serde_json::{Map, Value};
 
-use crate::Provider;
+use super::Provider;
 
 /// Path of the ONNX Runtime shared library (else `ORT_DYLIB_PATH`, else the
 /// system loader's `libonnxruntime.so`).
 pub const KEY_LIBRARY: &str = "library";
 /// CUDA device ordinal for `ort-cuda` and `ort-tensorrt`.
 pub const KEY_DEVICE_ID: &str = "device_id";
+/// The settings' `precision` (`fp32`, `fp16`, `int8`), given to every
+/// backend: `ort-tensorrt` turns it into `trt_fp16` / `trt_int8`.
+pub const KEY_PRECISION: &str = "precision";
 pub const KEY_TRT_FP16: &str = "trt_fp16";
 pub const KEY_TRT_INT8: &str = "trt_int8";
 pub const KEY_TRT_ENGINE_CACHE_DIR: &str = "trt_engine_cache_dir";
 pub const KEY_TRT_TIMING_CACHE_DIR: &str = "trt_timing_cache_dir";
 pub const KEY_TRT_WORKSPACE_SIZE: &str = "trt_workspace_size";
 pub const KEY_TRT_DLA_CORE: &str = "trt_dla_core";
+
+/// Every key the plugin reads, on one backend or another.
+pub const ALL_KEYS: &[&str] = &[
+    KEY_LIBRARY,
+    KEY_PRECISION,
+    KEY_DEVICE_ID,
+    KEY_TRT_FP16,
+    KEY_TRT_INT8,
+    KEY_TRT_ENGINE_CACHE_DIR,
+    KEY_TRT_TIMING_CACHE_DIR,
+    KEY_TRT_WORKSPACE_SIZE,
+    KEY_TRT_DLA_CORE,
+];
 
 const GPU_KEYS: &[&str] = &[KEY_DEVICE_ID];
 const TRT_KEYS: &[&str] = &[
@@ -60,6 +82,8 @@ pub struct TrtOptions {
 pub struct OrtOptions {
     pub library: Option<PathBuf>,
     pub device_id: Option<u32>,
+    pub precision: Option<Precision>,
+    /// For `ort-tensorrt`, with `precision` applied (see [`OrtOptions::parse`]).
     pub trt: TrtOptions,
 }
 
@@ -72,16 +96,26 @@ pub struct Parsed {
     /// Keys for another of the plugin's backends (e.g. `trt_fp16` given to
     /// every `ort-*` backend, read by `ort-cpu`).
     pub other_backend: Vec<String>,
+    /// Settings the backend accepts but cannot honour (a warning, once per
+    /// load: e.g. `precision = "fp16"` on `ort-cpu`).
+    pub warnings: Vec<String>,
 }
 
 impl OrtOptions {
     /// Reads the options `provider` uses from `extra`.
+    ///
+    /// On `ort-tensorrt`, `precision = "fp16"` sets `trt_fp16` and `"int8"`
+    /// sets `trt_int8`, unless that `trt_*` key is given: the explicit key
+    /// wins. The CPU and CUDA providers have no such switch (ONNX Runtime
+    /// runs the model's own types there), so any other precision than fp32
+    /// is a warning, not an error: a profile's precision reaches every
+    /// backend of its chain, fallbacks included.
     pub fn parse(extra: &Map<String, Value>, provider: Provider) -> Result<Parsed, OptionError> {
         let mut parsed = Parsed::default();
         let o = &mut parsed.options;
         for (key, value) in extra {
             let applies = match key.as_str() {
-                KEY_LIBRARY => true,
+                KEY_LIBRARY | KEY_PRECISION => true,
                 k if GPU_KEYS.contains(&k) => provider != Provider::Cpu,
                 k if TRT_KEYS.contains(&k) => provider == Provider::TensorRt,
                 _ => {
@@ -96,6 +130,7 @@ impl OrtOptions {
             match key.as_str() {
                 KEY_LIBRARY => o.library = Some(path(key, value)?),
                 KEY_DEVICE_ID => o.device_id = Some(int(key, value)?),
+                KEY_PRECISION => o.precision = Some(precision(key, value)?),
                 KEY_TRT_FP16 => o.trt.fp16 = Some(boolean(key, value)?),
                 KEY_TRT_INT8 => o.trt.int8 = Some(boolean(key, value)?),
                 KEY_TRT_ENGINE_CACHE_DIR => o.trt.engine_cache_dir = Some(path(key, value)?),
@@ -104,6 +139,22 @@ impl OrtOptions {
                 KEY_TRT_DLA_CORE => o.trt.dla_core = Some(int(key, value)?),
                 _ => {}
             }
+        }
+        match (provider, o.precision) {
+            (_, None | Some(Precision::Fp32)) => {}
+            (Provider::TensorRt, Some(Precision::Fp16)) => {
+                o.trt.fp16.get_or_insert(true);
+            }
+            (Provider::TensorRt, Some(Precision::Int8)) => {
+                o.trt.int8.get_or_insert(true);
+            }
+            (_, Some(p)) => parsed.warnings.push(format!(
+                "{}: precision {} has no switch on this execution provider; it runs the \
+                 model's own precision (fp16/int8 kernels are ort-tensorrt's, or come from \
+                 an fp16/INT8 model file)",
+                provider.backend_name(),
+                p.as_str()
+            )),
         }
         Ok(parsed)
     }
@@ -138,6 +189,13 @@ fn int<T: TryFrom<u64>>(key: &str, value: &Value) -> Result<T, OptionError> {
     };
     n.and_then(|n| T::try_from(n).ok())
         .ok_or_else(|| bad(key, "a non-negative integer in range", value))
+}
+
+fn precision(key: &str, value: &Value) -> Result<Precision, OptionError> {
+    match value {
+        Value::String(s) => s.parse().map_err(|_| bad(key, "fp32, fp16 or int8", value)),
+        _ => Err(bad(key, "fp32, fp16 or int8", value)),
+    }
 }
 
 fn path(key: &str, value: &Value) -> Result<PathBuf, OptionError> {
@@ -203,6 +261,48 @@ mod tests {
     }
 
     #[test]
+    fn precision_switches_tensorrt_unless_a_trt_key_is_explicit() {
+        let trt = |extra: Value| {
+            let p = OrtOptions::parse(&map(extra), Provider::TensorRt).unwrap();
+            assert!(p.warnings.is_empty() && p.unknown.is_empty(), "{p:?}");
+            (p.options.trt.fp16, p.options.trt.int8)
+        };
+        assert_eq!(trt(json!({"precision": "fp32"})), (None, None));
+        assert_eq!(trt(json!({"precision": "fp16"})), (Some(true), None));
+        assert_eq!(trt(json!({"precision": "int8"})), (None, Some(true)));
+        assert_eq!(trt(json!({"precision": "FP16"})), (Some(true), None));
+        // The explicit key wins over the profile's precision.
+        assert_eq!(
+            trt(json!({"precision": "fp16", "trt_fp16": false})),
+            (Some(false), None)
+        );
+        assert_eq!(
+            trt(json!({"precision": "int8", "trt_int8": "false", "trt_fp16": true})),
+            (Some(true), Some(false))
+        );
+        assert_eq!(trt(json!({"trt_fp16": true})), (Some(true), None));
+    }
+
+    #[test]
+    fn precision_on_cpu_and_cuda_is_a_warning_not_an_error() {
+        for provider in [Provider::Cpu, Provider::Cuda] {
+            let p = OrtOptions::parse(&map(json!({"precision": "fp32"})), provider).unwrap();
+            assert!(p.warnings.is_empty() && p.unknown.is_empty(), "{p:?}");
+            for want in ["fp16", "int8"] {
+                let p = OrtOptions::parse(&map(json!({ "precision": want })), provider).unwrap();
+                assert!(p.unknown.is_empty() && p.other_backend.is_empty(), "{p:?}");
+                assert_eq!(p.options.trt, TrtOptions::default());
+                assert_eq!(p.warnings.len(), 1, "{p:?}");
+                let w = &p.warnings[0];
+                assert!(
+                    w.contains(provider.backend_name()) && w.contains(want) && w.contains("own"),
+                    "{w}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn wrong_kinds_name_the_key() {
         let cases = [
             json!({"trt_fp16": "maybe"}),
@@ -210,6 +310,8 @@ mod tests {
             json!({"trt_dla_core": 1e20}),
             json!({"trt_engine_cache_dir": ""}),
             json!({"library": 3}),
+            json!({"precision": "fp8"}),
+            json!({"precision": 16}),
         ];
         for c in cases {
             let key = map(c.clone()).keys().next().unwrap().clone();

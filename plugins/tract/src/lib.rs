@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Once};
 
 use infl8_core::backend::{Backend, BackendError, Dim, LoadOptions, Model, Tensor, TensorInfo};
+use infl8_core::config::Precision;
 use rayon::prelude::*;
 use tract_onnx::prelude::{
     Datum, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTValue,
@@ -116,7 +117,26 @@ impl TractModel {
         if let Err(e) = std::fs::metadata(path) {
             return Err(err(format!("cannot read the model file: {e}")));
         }
-        for key in opts.extra.keys() {
+        for (key, value) in &opts.extra {
+            if key == "precision" {
+                // Every backend of a chain gets the profile's precision; tract
+                // has no reduced-precision mode to switch on, which is worth
+                // a warning, not a failed load.
+                match value.as_str().map(str::parse::<Precision>) {
+                    Some(Ok(Precision::Fp32)) => {}
+                    Some(Ok(p)) => tracing::warn!(
+                        "tract: precision {} has no switch here; tract runs the model as stored \
+                         (an INT8 QDQ model file runs as INT8)",
+                        p.as_str()
+                    ),
+                    _ => {
+                        return Err(err(format!(
+                            "load option `precision`: expected fp32, fp16 or int8, got {value}"
+                        )));
+                    }
+                }
+                continue;
+            }
             tracing::warn!("tract: ignoring unknown load option `{key}`");
         }
         let model = tract_onnx::onnx()
@@ -479,5 +499,33 @@ fn mentions_symbol(typed: &TypedModel, batch: &BatchDim) -> bool {
     match (batch, typed.input_fact(0)) {
         (BatchDim::Symbol(s), Ok(f)) => f.shape.first() == Some(&TDim::Sym(s.clone())),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precision_is_accepted_and_a_bad_one_names_the_option() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        let model = infl8_onnx::examples::head_mask_model([8, 8, 8], 0.5, 10.0);
+        infl8_onnx::write_model(&model, &path).unwrap();
+        let opts = |precision: &str| {
+            let mut extra = serde_json::Map::new();
+            extra.insert("precision".into(), precision.into());
+            LoadOptions { threads: 1, extra }
+        };
+        // fp16/int8 only warn: the profile's precision reaches every backend
+        // of a chain, tract as the last fallback included.
+        for p in ["fp32", "fp16", "int8"] {
+            TractModel::load(&path, &opts(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+        }
+        let e = TractModel::load(&path, &opts("fp8"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("precision") && e.contains("fp8"), "{e}");
     }
 }

@@ -1,0 +1,259 @@
+//! The profile's `limits` that need the loaded model: the memory budget that
+//! caps the window batch, and the per-volume timeout.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use infl8_core::backend::{BackendError, Model, Tensor, TensorInfo};
+use infl8_core::config::Limits;
+use infl8_core::manifest::{InferenceMode, Manifest};
+use tracing::{info, warn};
+
+/// Bytes of one window's input and output tensors (f32), when the window's
+/// size does not depend on the image.
+pub(crate) fn window_bytes(manifest: &Manifest, model: &dyn Model) -> Option<u64> {
+    let c = manifest.input_channels as u64;
+    let k = manifest.labels.len().max(1) as u64;
+    let spatial: u64 = match &manifest.inference {
+        InferenceMode::SlidingWindow(sw) => {
+            if sw.roi.contains(&0) {
+                return None;
+            }
+            sw.roi.iter().map(|&r| r as u64).product()
+        }
+        InferenceMode::Slab(s) => {
+            // The in-plane size: roi_xy, else the model's fixed trailing dims.
+            let shape = &model.input().shape;
+            let fixed = |back: usize| shape.len().checked_sub(back).and_then(|i| shape[i].fixed());
+            let xy = match s.roi_xy {
+                Some([x, y]) if x > 0 && y > 0 => [x, y],
+                _ => [fixed(2)?, fixed(1)?],
+            };
+            let plane = (xy[0] * xy[1]) as u64;
+            // Input: C x depth slices; output: K classes of the middle one.
+            return Some(4 * plane * (c * s.depth as u64 + k));
+        }
+    };
+    Some(4 * spatial * (c + k))
+}
+
+/// The window batch to run with: `settings.window_batch`, capped so one
+/// batch's tensors fit `limits.memory_budget_mb`. Fails when not even one
+/// window fits, or the model's fixed batch does not.
+pub(crate) fn window_batch(
+    requested: usize,
+    limits: &Limits,
+    manifest: &Manifest,
+    model: &dyn Model,
+) -> Result<usize> {
+    if limits.memory_budget_mb == 0 {
+        return Ok(requested);
+    }
+    let budget = limits.memory_budget_mb.saturating_mul(1 << 20);
+    let Some(per_window) = window_bytes(manifest, model) else {
+        warn!(
+            memory_budget_mb = limits.memory_budget_mb,
+            "the model's window size follows the image; limits.memory_budget_mb cannot size \
+             the batch ahead of the volume and is not applied"
+        );
+        return Ok(requested);
+    };
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    let fits = budget / per_window.max(1);
+    if fits == 0 {
+        bail!(
+            "limits.memory_budget_mb = {} MiB cannot hold one window: its input and output \
+             tensors need {:.1} MiB",
+            limits.memory_budget_mb,
+            mib(per_window)
+        );
+    }
+    if let Some(fixed) = model.input().shape.first().and_then(|d| d.fixed())
+        && fixed as u64 > fits
+    {
+        bail!(
+            "limits.memory_budget_mb = {} MiB holds {fits} window(s) but the model's batch is \
+             fixed at {fixed} ({:.1} MiB)",
+            limits.memory_budget_mb,
+            mib(per_window * fixed as u64)
+        );
+    }
+    let batch = requested.min(usize::try_from(fits).unwrap_or(usize::MAX));
+    info!(
+        requested,
+        effective = batch,
+        window_mib = format!("{:.2}", mib(per_window)),
+        memory_budget_mb = limits.memory_budget_mb,
+        "window batch sized by the memory budget"
+    );
+    Ok(batch)
+}
+
+/// When the current volume must be finished by; shared between the model
+/// wrapper and the command that starts each volume.
+#[derive(Clone, Default)]
+pub(crate) struct Deadline {
+    limit: Option<Duration>,
+    until: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Deadline {
+    pub(crate) fn new(timeout_s: f64) -> Self {
+        Deadline {
+            limit: (timeout_s > 0.0).then(|| Duration::from_secs_f64(timeout_s)),
+            until: Arc::default(),
+        }
+    }
+
+    /// Starts the clock for a new volume.
+    pub(crate) fn start(&self) {
+        if let Some(limit) = self.limit
+            && let Ok(mut u) = self.until.lock()
+        {
+            *u = Some(Instant::now() + limit);
+        }
+    }
+
+    pub(crate) fn expired(&self) -> bool {
+        self.until
+            .lock()
+            .ok()
+            .and_then(|u| *u)
+            .is_some_and(|u| Instant::now() >= u)
+    }
+
+    /// The error for a volume that ran out of time.
+    pub(crate) fn error(&self, input: &std::path::Path) -> anyhow::Error {
+        let s = self.limit.map_or(0.0, |l| l.as_secs_f64());
+        anyhow::anyhow!(
+            "{}: timed out: the volume took longer than limits.timeout_s = {s} s",
+            input.display()
+        )
+    }
+}
+
+/// A model that refuses to start another batch once the volume's deadline
+/// has passed: the timeout is checked between backend calls, so a volume
+/// stops within one batch of it (a call that hangs is only stopped by a
+/// supervisor, which `infl8 watch` is).
+pub(crate) struct DeadlineModel {
+    inner: Box<dyn Model>,
+    deadline: Deadline,
+}
+
+impl DeadlineModel {
+    pub(crate) fn wrap(inner: Box<dyn Model>, deadline: &Deadline) -> Box<dyn Model> {
+        if deadline.limit.is_none() {
+            return inner;
+        }
+        Box::new(DeadlineModel {
+            inner,
+            deadline: deadline.clone(),
+        })
+    }
+}
+
+impl Model for DeadlineModel {
+    fn input(&self) -> &TensorInfo {
+        self.inner.input()
+    }
+
+    fn output(&self) -> &TensorInfo {
+        self.inner.output()
+    }
+
+    fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
+        if self.deadline.expired() {
+            return Err(BackendError::Run("limits.timeout_s reached".into()));
+        }
+        self.inner.run(data, shape)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infl8_core::backend::Dim;
+
+    struct Fake(TensorInfo, TensorInfo);
+
+    impl Model for Fake {
+        fn input(&self) -> &TensorInfo {
+            &self.0
+        }
+        fn output(&self) -> &TensorInfo {
+            &self.1
+        }
+        fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
+            Tensor::from_vec(shape.to_vec(), data.to_vec())
+        }
+    }
+
+    fn fake(batch: Dim) -> Fake {
+        let info = |name: &str, c| TensorInfo {
+            name: name.into(),
+            shape: vec![
+                batch.clone(),
+                Dim::Fixed(c),
+                Dim::Fixed(16),
+                Dim::Fixed(16),
+                Dim::Fixed(16),
+            ],
+        };
+        Fake(info("x", 1), info("y", 2))
+    }
+
+    fn limits(mb: u64) -> Limits {
+        Limits {
+            memory_budget_mb: mb,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn the_budget_caps_the_batch_and_refuses_when_one_window_does_not_fit() {
+        // The example manifest: 1 channel in, 2 labels out.
+        let m = crate::commands::example_manifest([64, 64, 64]);
+        let model = fake(Dim::Symbolic("N".into()));
+        let per = window_bytes(&m, &model).unwrap();
+        assert_eq!(per, 4 * 64 * 64 * 64 * 3);
+        assert_eq!(window_batch(8, &limits(0), &m, &model).unwrap(), 8);
+        // 3 MiB per window: 10 MiB hold 3.
+        assert_eq!(window_batch(8, &limits(10), &m, &model).unwrap(), 3);
+        assert_eq!(window_batch(2, &limits(10), &m, &model).unwrap(), 2);
+        let e = window_batch(8, &limits(2), &m, &model)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("limits.memory_budget_mb") && e.contains("one window"),
+            "{e}"
+        );
+        let fixed = fake(Dim::Fixed(4));
+        let e = window_batch(8, &limits(10), &m, &fixed)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fixed at 4"), "{e}");
+    }
+
+    #[test]
+    fn an_expired_deadline_stops_the_next_batch() {
+        let d = Deadline::new(1e-9);
+        let model = DeadlineModel::wrap(Box::new(fake(Dim::Fixed(1))), &d);
+        // Not started: no deadline yet.
+        assert!(model.run(&[0.0; 4], &[4]).is_ok());
+        d.start();
+        std::thread::sleep(Duration::from_millis(2));
+        let e = model.run(&[0.0; 4], &[4]).unwrap_err().to_string();
+        assert!(e.contains("limits.timeout_s"), "{e}");
+        let e = d.error(std::path::Path::new("in.nii")).to_string();
+        assert!(
+            e.contains("in.nii") && e.contains("limits.timeout_s"),
+            "{e}"
+        );
+        // No limit: the model is not wrapped at all.
+        let none = Deadline::new(0.0);
+        none.start();
+        assert!(!none.expired());
+    }
+}
