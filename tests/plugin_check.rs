@@ -11,16 +11,20 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// The verdict column of the row for `check` of `backend`.
-fn verdict(out: &str, backend: &str, check: &str) -> String {
+/// The table row for `check` of `backend` (`(library)` for library checks).
+fn row<'a>(out: &'a str, backend: &str, check: &str) -> &'a str {
     out.lines()
         .find(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
             cols.get(1) == Some(&backend) && l.contains(check)
         })
-        .and_then(|l| l.split_whitespace().next())
         .unwrap_or_else(|| panic!("no row for {backend} / {check} in:\n{out}"))
-        .to_owned()
+}
+
+/// The verdict column of that row.
+fn verdict(out: &str, backend: &str, check: &str) -> String {
+    let r = row(out, backend, check);
+    r.split_whitespace().next().unwrap_or_default().to_owned()
 }
 
 fn json(o: &std::path::Path) -> serde_json::Value {
@@ -78,25 +82,16 @@ fn misbehaving_plugin_fails_the_right_checks() {
     // The library itself is well formed...
     assert_eq!(verdict(&out, "(library)", "metadata"), "pass", "{out}");
     // ...a panic is contained by the plugin's glue and reported as PANIC...
-    let load = out
-        .lines()
-        .find(|l| l.contains("faulty-panic-load") && l.contains("load reference model"))
-        .unwrap();
+    let load = row(&out, "faulty-panic-load", "load reference model");
     assert!(load.starts_with("FAIL") && load.contains("PANIC"), "{load}");
     // ...an inconsistent tensor is caught at the ABI...
-    let bad = out
-        .lines()
-        .find(|l| l.contains("faulty-bad-output") && l.contains("run batch 1"))
-        .unwrap();
+    let bad = row(&out, "faulty-bad-output", "run batch 1");
     assert!(
         bad.starts_with("FAIL") && bad.contains("disagrees with its length"),
         "{bad}"
     );
     // ...and an error where a shape refusal belongs is named.
-    let shape = out
-        .lines()
-        .find(|l| l.contains("faulty-error") && l.contains("wrong input shape"))
-        .unwrap();
+    let shape = row(&out, "faulty-error", "wrong input shape");
     assert!(
         shape.starts_with("FAIL") && shape.contains("expected SHAPE_MISMATCH"),
         "{shape}"
@@ -109,10 +104,7 @@ fn plugin_of_another_abi_major_fails() {
     let o = infl8(&["plugin", "check", s(&lib)]);
     let out = stdout(&o);
     assert!(!o.status.success(), "{out}");
-    let row = out
-        .lines()
-        .find(|l| l.contains("entry accepts the host ABI"))
-        .unwrap();
+    let row = row(&out, "(library)", "entry accepts the host ABI");
     assert!(
         row.starts_with("FAIL") && row.contains("plugin ABI 99.0"),
         "{row}"
@@ -125,18 +117,12 @@ fn crashing_and_hanging_plugins_are_contained() {
     let o = infl8(&["plugin", "check", s(&lib), "--timeout", "3"]);
     let out = stdout(&o);
     assert!(!o.status.success(), "{out}");
-    let abort = out
-        .lines()
-        .find(|l| l.contains("crash-abort") && l.contains("run batch 1"))
-        .unwrap();
+    let abort = row(&out, "crash-abort", "run batch 1");
     assert!(
         abort.starts_with("FAIL") && abort.contains("SIGABRT"),
         "{abort}"
     );
-    let hang = out
-        .lines()
-        .find(|l| l.contains("crash-hang") && l.contains("run batch 1"))
-        .unwrap();
+    let hang = row(&out, "crash-hang", "run batch 1");
     assert!(hang.starts_with("FAIL") && hang.contains("hangs"), "{hang}");
     // The kit resumed after each crash: checks after the crashing ones ran.
     assert_eq!(

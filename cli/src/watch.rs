@@ -551,7 +551,7 @@ impl<R: Runner> Service<R> {
             model_sha256: o.model_sha256.clone(),
             ..Status::default()
         };
-        let mut s = Service {
+        let s = Service {
             o,
             state_dir,
             journal,

@@ -123,7 +123,7 @@ impl Library {
 }
 
 /// Reads a plugin-owned string field.
-pub fn plugin_str(p: *const c_char) -> Result<String, String> {
+pub(crate) fn plugin_str(p: *const c_char) -> Result<String, String> {
     if p.is_null() {
         return Err("null".into());
     }
@@ -257,7 +257,7 @@ impl RawModel {
     }
 
     /// `model_run` with the given (possibly inconsistent) arguments.
-    pub fn run_raw(&self, input: *const f32, shape: &[u64]) -> Result<Output, Status> {
+    fn run_raw(&self, input: *const f32, shape: &[u64]) -> Result<Output, Status> {
         let f = self.table.model_run.ok_or_else(|| missing("model_run"))?;
         let free = self
             .table
