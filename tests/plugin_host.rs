@@ -346,7 +346,8 @@ fn panics_become_errors_and_host_keeps_running() {
             "faulty-panic-load",
             "faulty-panic-run",
             "faulty-error",
-            "faulty-bad-output"
+            "faulty-bad-output",
+            "faulty-marker"
         ]
     );
     host.load_library(tract_library()).unwrap();
@@ -408,6 +409,45 @@ fn plugin_errors_cross_with_their_message() {
     assert!(matches!(
         model.run(&[0.0; 3], &[1, 3]),
         Err(BackendError::Shape { .. })
+    ));
+}
+
+#[test]
+fn marker_backend_segments_and_refuses_only_marked_windows() {
+    let mut host = PluginHost::new(vec![]);
+    host.load_library(library("infl8test_faulty")).unwrap();
+    let marker = host.backend("faulty-marker").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let model_file = dir.path().join("m.onnx");
+    std::fs::write(&model_file, b"not read").unwrap();
+    // The soak test relies on a missing model failing at load, like a real
+    // backend, so the service refuses to start rather than failing inputs.
+    assert!(matches!(
+        marker.load(&dir.path().join("none.onnx"), &LoadOptions::default()),
+        Err(BackendError::Load { .. })
+    ));
+    let mut opts = LoadOptions::default();
+    opts.extra.insert("marker_above".into(), 10.0.into());
+    let model = marker.load(&model_file, &opts).unwrap();
+    // Any window size: a 2x2x1 window, batch 2.
+    let clean = [-1.0, 0.5, 2.0, -0.25, 3.0, -3.0, 0.0, 9.0];
+    let out = model.run(&clean, &[2, 1, 2, 2, 1]).unwrap();
+    assert_eq!(out.shape(), [2, 2, 2, 2, 1]);
+    let data = out.data();
+    // Item 0: background logits 0, foreground = intensity; then item 1.
+    assert_eq!(&data[..8], &[0.0, 0.0, 0.0, 0.0, -1.0, 0.5, 2.0, -0.25]);
+    assert_eq!(&data[8..], &[0.0, 0.0, 0.0, 0.0, 3.0, -3.0, 0.0, 9.0]);
+    let mut marked = clean;
+    marked[6] = 11.0;
+    match model.run(&marked, &[2, 1, 2, 2, 1]) {
+        Err(BackendError::Run(m)) => assert!(m.contains("marker value 11"), "{m}"),
+        other => panic!("expected a run error, got {:?}", other.map(|t| t.shape().to_vec())),
+    }
+    let mut bad = LoadOptions::default();
+    bad.extra.insert("marker_above".into(), "high".into());
+    assert!(matches!(
+        marker.load(&model_file, &bad),
+        Err(BackendError::Load { .. })
     ));
 }
 

@@ -273,11 +273,14 @@ impl Journal {
         let mut good_len = 0u64;
         let mut torn: Option<(usize, String)> = None;
         let mut reader = BufReader::new(&file);
-        let mut line = String::new();
+        // Bytes, not a String: a write torn inside a multi-byte character
+        // (a non-ASCII file name) is not UTF-8, and must read as a torn line
+        // rather than make the journal unreadable.
+        let mut line = Vec::new();
         let mut n = 0;
         loop {
             line.clear();
-            let read = reader.read_line(&mut line).map_err(io(path))?;
+            let read = reader.read_until(b'\n', &mut line).map_err(io(path))?;
             if read == 0 {
                 break;
             }
@@ -290,8 +293,8 @@ impl Journal {
                     detail,
                 });
             }
-            let complete = line.ends_with('\n');
-            match serde_json::from_str::<Record>(line.trim_end()) {
+            let complete = line.ends_with(b"\n");
+            match serde_json::from_slice::<Record>(line.trim_ascii_end()) {
                 Ok(r) if complete => {
                     records.push(r);
                     good_len += read as u64;
@@ -442,6 +445,26 @@ mod tests {
         drop(f);
         let (_, recs) = Journal::open(&p).unwrap();
         assert_eq!(recs.len(), 3, "the unterminated done record is dropped");
+    }
+
+    #[test]
+    fn a_write_torn_inside_a_multibyte_character_is_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("journal.jsonl");
+        {
+            let (mut j, _) = Journal::open(&p).unwrap();
+            j.append(&taken("Müller.nii.gz", "aa", 1)).unwrap();
+        }
+        let full = std::fs::read(&p).unwrap();
+        // The next record, cut after the first byte of `ü` (0xC3 0xBC).
+        let next = serde_json::to_vec(&done("Müller.nii.gz", "aa")).unwrap();
+        let cut = next.iter().position(|&b| b == 0xC3).unwrap() + 1;
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(&next[..cut]).unwrap();
+        drop(f);
+        let (_, recs) = Journal::open(&p).unwrap();
+        assert_eq!(recs, [taken("Müller.nii.gz", "aa", 1)]);
+        assert_eq!(std::fs::read(&p).unwrap(), full, "the torn tail is cut");
     }
 
     #[test]

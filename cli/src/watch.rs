@@ -30,7 +30,7 @@
 //! poison. Results are only ever replaced whole, by a rerun of the same
 //! input under the same names.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -122,6 +122,13 @@ pub fn run(a: WatchArgs) -> Result<ExitCode> {
     let (Some(inbox), Some(model)) = (a.inbox.clone(), a.model.clone()) else {
         bail!("--inbox and --model are required");
     };
+    // From the start: a SIGTERM while the model loads is a clean stop too.
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        let h = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::signal(libc::SIGTERM, h);
+        libc::signal(libc::SIGINT, h);
+    }
     let settings = settings_for(&a.runtime, &a.layer())?;
     if !inbox.is_dir() {
         bail!("inbox {} is not a folder", inbox.display());
@@ -140,11 +147,9 @@ pub fn run(a: WatchArgs) -> Result<ExitCode> {
         "model checked; each volume loads it again in its worker"
     );
     let model_sha256 = sha256_file(&model)?;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        let h = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        libc::signal(libc::SIGTERM, h);
-        libc::signal(libc::SIGINT, h);
+    if SIGNALLED.load(Ordering::SeqCst) {
+        info!("stopped before starting");
+        return Ok(ExitCode::SUCCESS);
     }
     let runner = ChildRunner {
         exe: std::env::current_exe().context("cannot find the infl8 executable")?,
@@ -276,7 +281,9 @@ fn worker(a: &WatchArgs, job: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            say(&json!({"error": format!("{e:#}")}));
+            // As the command line prints errors: a plugin's message is often
+            // quoted by the error above it, and would appear twice.
+            say(&json!({"error": crate::error_chain(&e)}));
             ExitCode::FAILURE
         }
     }
@@ -344,6 +351,15 @@ impl Runner for ChildRunner {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // The supervisor decides when a volume stops: a SIGTERM sent
+                // to every process of the service (systemd's default
+                // KillMode=control-group) must not cut short the volume it
+                // lets finish. Ignored dispositions survive exec, so there is
+                // no window before the worker could ignore it itself. The
+                // supervisor stops a worker with SIGKILL (timeout), and the
+                // kernel does when the supervisor dies.
+                libc::signal(libc::SIGTERM, libc::SIG_IGN);
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
                 if libc::getppid() != parent {
                     libc::_exit(1);
                 }
@@ -435,12 +451,26 @@ impl Runner for ChildRunner {
         if loaded_at.is_none() {
             return RunResult::Service(format!("the worker could not load the model: {reason}"));
         }
-        let kind = if reason.contains("limits.") {
-            "limit"
-        } else {
-            "error"
-        };
-        RunResult::Failed { kind, reason }
+        RunResult::Failed {
+            kind: error_kind(&reason),
+            reason,
+        }
+    }
+}
+
+/// `limit` for an input refused by one of the profile's `limits` (the
+/// reader names some by their library names), else `error`.
+fn error_kind(reason: &str) -> &'static str {
+    const LIMITS: [&str; 4] = [
+        "limits.",
+        "ReadLimits::max_voxels",
+        "NaN or infinite",
+        "max_input_bytes",
+    ];
+    if LIMITS.iter().any(|l| reason.contains(l)) {
+        "limit"
+    } else {
+        "error"
     }
 }
 
@@ -482,7 +512,14 @@ struct Seen {
     size: u64,
     mtime_ns: u64,
     since: Instant,
+    /// The file could not be read: not tried again before this, so one
+    /// unreadable file neither spins the loop nor holds up the files after it.
+    retry_at: Option<Instant>,
 }
+
+/// How long an inbox file that cannot be read waits before another try
+/// (a change of its size or mtime retries at once).
+const UNREADABLE_RETRY: Duration = Duration::from_secs(30);
 
 /// A file in the inbox.
 struct Candidate {
@@ -498,6 +535,16 @@ pub(crate) struct Service<R> {
     journal: Journal,
     state: State,
     seen: HashMap<String, Seen>,
+    /// Names whose `NAME.part` was in the inbox at the last scan: when NAME
+    /// appears instead, the writer has renamed it, so it is complete.
+    parts: HashSet<String>,
+    /// Files seen to arrive by that rename, complete without a wait (until
+    /// they change or are processed).
+    renamed: HashSet<String>,
+    /// Inbox entries whose names are not UTF-8, already warned about.
+    bad_names: HashSet<OsString>,
+    /// Reads an input's checksum (tests replace it to fake unreadable files).
+    hash: fn(&Path) -> Result<String>,
     status: Status,
     _lock: fs::File,
     /// Tests: fail (as a crash would) right after the named step.
@@ -557,6 +604,10 @@ impl<R: Runner> Service<R> {
             journal,
             state,
             seen: HashMap::new(),
+            parts: HashSet::new(),
+            renamed: HashSet::new(),
+            bad_names: HashSet::new(),
+            hash: sha256_file,
             status,
             _lock: lock,
             crash_at: None,
@@ -599,6 +650,30 @@ impl<R: Runner> Service<R> {
             }
         }
         Ok(())
+    }
+
+    /// The temporary files of these results (`.NAME.*.infl8-tmp`,
+    /// `.NAME.*.part`), which only a worker that is not running writes.
+    fn remove_temporaries_of(&self, results: &[&Path]) {
+        let prefixes: Vec<String> = results
+            .iter()
+            .filter_map(|p| p.file_name())
+            .map(|n| format!(".{}.", n.to_string_lossy()))
+            .collect();
+        let Ok(entries) = fs::read_dir(&self.o.outbox) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if prefixes.iter().any(|p| name.starts_with(p.as_str()))
+                && (name.ends_with(".infl8-tmp") || name.ends_with(".part"))
+            {
+                warn!(file = %e.path().display(), "removing a partial file of a killed worker");
+                if let Err(e) = fs::remove_file(e.path()) {
+                    warn!("cannot remove it: {e}");
+                }
+            }
+        }
     }
 
     fn write_status(&mut self) {
@@ -680,13 +755,34 @@ impl<R: Runner> Service<R> {
         Ok(())
     }
 
-    fn candidates(&self) -> Result<Vec<Candidate>> {
+    /// The inbox's files, oldest first, and the names whose `.part` is there.
+    fn candidates(&mut self) -> Result<(Vec<Candidate>, HashSet<String>)> {
         let entries = fs::read_dir(&self.o.inbox)
             .with_context(|| format!("cannot list {}", self.o.inbox.display()))?;
         let mut out = Vec::new();
+        let mut parts = HashSet::new();
         for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || name.to_ascii_lowercase().ends_with(".part") {
+            // The journal, the reports and the moves name inputs by a UTF-8
+            // string; a name that is not one would be recorded under a lossy
+            // copy that names no file, so it is left alone, with a warning.
+            let name = match e.file_name().into_string() {
+                Ok(n) => n,
+                Err(raw) => {
+                    if self.bad_names.insert(raw.clone()) {
+                        warn!(
+                            file = %e.path().display(),
+                            "ignoring an inbox file whose name is not UTF-8: rename it"
+                        );
+                    }
+                    continue;
+                }
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            if name.to_ascii_lowercase().ends_with(".part") {
+                // ASCII suffix: cutting it keeps a char boundary.
+                parts.insert(name[..name.len() - 5].to_string());
                 continue;
             }
             let Ok(m) = e.metadata() else { continue };
@@ -701,7 +797,7 @@ impl<R: Runner> Service<R> {
             });
         }
         out.sort_by(|a, b| (a.mtime_ns, &a.name).cmp(&(b.mtime_ns, &b.name)));
-        Ok(out)
+        Ok((out, parts))
     }
 
     /// One scan; processes the first complete file. False when none was.
@@ -711,60 +807,100 @@ impl<R: Runner> Service<R> {
         let mut ready = None;
         let mut queue = 0;
         let mut present = Vec::new();
-        for c in self.candidates()? {
+        let (candidates, parts) = self.candidates()?;
+        for c in candidates {
             present.push(c.name.clone());
-            if let Some(item) = self.state.finished_as(&c.name, c.size, c.mtime_ns) {
-                // Finished (the service died before the move, or inputs stay
-                // in place): never processed again.
-                if self.o.watch.move_inputs && ready.is_none() {
-                    ready = Some((c, Some(item.key.sha256.clone())));
+            let retry_later = self.seen.get(&c.name).is_some_and(|s| {
+                s.size == c.size
+                    && s.mtime_ns == c.mtime_ns
+                    && s.retry_at.is_some_and(|t| now < t)
+            });
+            if self.state.finished_as(&c.name, c.size, c.mtime_ns).is_some() {
+                // Finished: the service died before the move, or inputs stay
+                // in place. Left in place, it is never processed again. To be
+                // moved, it is hashed first: a new file of the same name,
+                // size and mtime (a copy that kept its mtime) is a new input,
+                // not one to file under done/ unread.
+                if self.o.watch.move_inputs && ready.is_none() && !retry_later {
+                    ready = Some(c);
                 }
                 continue;
             }
             queue += 1;
+            // Renamed from NAME.part since the last scan (and the .part is
+            // gone): the writer says it is complete, no need to wait.
+            let just_renamed = self.parts.contains(&c.name) && !parts.contains(&c.name);
+            if just_renamed {
+                self.renamed.insert(c.name.clone());
+            }
             let seen = self.seen.entry(c.name.clone()).or_insert(Seen {
                 size: c.size,
                 mtime_ns: c.mtime_ns,
                 since: now,
+                retry_at: None,
             });
             if seen.size != c.size || seen.mtime_ns != c.mtime_ns {
                 *seen = Seen {
                     size: c.size,
                     mtime_ns: c.mtime_ns,
                     since: now,
+                    retry_at: None,
                 };
+                // Written to after the rename: judged by stability again.
+                if !just_renamed {
+                    self.renamed.remove(&c.name);
+                }
             }
-            if ready.is_none() && now.duration_since(seen.since) >= stable {
-                ready = Some((c, None));
+            let complete =
+                self.renamed.contains(&c.name) || now.duration_since(seen.since) >= stable;
+            if ready.is_none() && !retry_later && complete {
+                ready = Some(c);
             }
         }
+        self.parts = parts;
         self.seen.retain(|n, _| present.contains(n));
+        self.renamed.retain(|n| present.contains(n));
         if queue != self.status.queue {
             self.status.queue = queue;
             self.write_status();
         }
-        let Some((c, known)) = ready else {
+        let Some(c) = ready else {
             return Ok(false);
         };
-        let sha = match known {
-            Some(s) => s,
-            None => {
-                let Ok(sha) = sha256_file(&c.path) else {
-                    // Gone between listing and reading: not ours to judge.
-                    return Ok(true);
-                };
-                // Still being written: wait for it to settle again.
-                match fs::metadata(&c.path) {
-                    Ok(m) if m.len() == c.size && mtime_ns(&m) == c.mtime_ns => sha,
-                    _ => {
-                        self.seen.remove(&c.name);
-                        return Ok(true);
-                    }
+        let sha = match (self.hash)(&c.path) {
+            Ok(sha) => sha,
+            Err(e) => {
+                if fs::metadata(&c.path).is_ok() {
+                    warn!(
+                        input = %c.name,
+                        retry_s = UNREADABLE_RETRY.as_secs(),
+                        "cannot read an inbox file, trying the others: {e:#}"
+                    );
+                    // Finished files are not tracked yet: the entry is new.
+                    let seen = self.seen.entry(c.name.clone()).or_insert(Seen {
+                        size: c.size,
+                        mtime_ns: c.mtime_ns,
+                        since: now,
+                        retry_at: None,
+                    });
+                    seen.retry_at = Some(Instant::now() + UNREADABLE_RETRY);
                 }
+                // Else it is gone between listing and reading: not ours to judge.
+                return Ok(true);
             }
         };
+        // Still being written: wait for it to settle again.
+        match fs::metadata(&c.path) {
+            Ok(m) if m.len() == c.size && mtime_ns(&m) == c.mtime_ns => {}
+            _ => {
+                self.seen.remove(&c.name);
+                self.renamed.remove(&c.name);
+                return Ok(true);
+            }
+        }
         self.process(&c, &sha)?;
         self.seen.remove(&c.name);
+        self.renamed.remove(&c.name);
         Ok(true)
     }
 
@@ -797,6 +933,13 @@ impl<R: Runner> Service<R> {
         if let Some(item) = &existing {
             if let Some(outcome) = &item.outcome {
                 return self.finish_move(&key, &item.slot, matches!(outcome, Outcome::Done { .. }));
+            }
+            // Checked before the attempts: results complete before the
+            // service died on its last allowed attempt are recorded, not
+            // failed as poison next to them.
+            if self.report_matches(&item.slot, sha256) {
+                info!(input = %c.name, "its results were complete before the restart");
+                return self.record_done(&key, &item.slot, 0.0);
             }
             if item.attempts >= self.o.watch.max_attempts {
                 let reason = format!(
@@ -837,10 +980,6 @@ impl<R: Runner> Service<R> {
             let reason = format!("{}: not a .nii or .nii.gz file", c.name);
             return self.fail(&key, &slot, attempt, "not_nifti", &reason);
         }
-        if self.report_matches(&slot, sha256) {
-            info!(input = %c.name, "its results were complete before the restart");
-            return self.record_done(&key, &slot, 0.0);
-        }
         let (output, report) = self.slot_paths(&slot);
         let job = WorkerJob {
             input: c.path.clone(),
@@ -855,6 +994,11 @@ impl<R: Runner> Service<R> {
         let stop = self.o.stop.clone();
         let stopping = move || stop.load(Ordering::SeqCst) || SIGNALLED.load(Ordering::SeqCst);
         let result = self.o.runner.run(&job, &stopping);
+        if !matches!(result, RunResult::Ok) {
+            // A worker killed (timeout, crash, signal) leaves its temporary
+            // files; only a restart would remove them otherwise.
+            self.remove_temporaries_of(&[&job.output, &job.report]);
+        }
         self.point("ran")?;
         match result {
             RunResult::Ok => {

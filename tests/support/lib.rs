@@ -179,3 +179,62 @@ pub fn infl8_ort(args: &[&str]) -> std::process::Output {
     let lib = ort_library();
     run_with_env("infl8", args, &[("ORT_DYLIB_PATH", lib.as_os_str())])
 }
+
+/// The SDK's C example plugin (`plugins/sdk/examples/c-reference`), compiled
+/// with the system C compiler (`$CC`, else `cc`) into its own folder of
+/// `target/<profile>`, once per test process. Kept out of the folder the
+/// other tests discover plugins in, so they see the same plugins whatever
+/// order the tests run in. Returns the library's path.
+pub fn c_reference_plugin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let src = repo_root().join("plugins/sdk/examples/c-reference");
+            let dir = target_dir().join("sdk-c-reference");
+            std::fs::create_dir_all(&dir).expect("create the C plugin's build folder");
+            let lib = dir.join(format!(
+                "{}infl8_cref{}",
+                std::env::consts::DLL_PREFIX,
+                std::env::consts::DLL_SUFFIX
+            ));
+            // Built under a temporary name and renamed: a test binary that
+            // runs meanwhile never loads a half-written library.
+            let tmp = dir.join(format!("build-{}.tmp", std::process::id()));
+            let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+            let out = std::process::Command::new(&cc)
+                .args(C_REFERENCE_FLAGS)
+                .arg("-I")
+                .arg(repo_root().join("plugins/sdk/include"))
+                .arg("-o")
+                .arg(&tmp)
+                .arg(src.join("plugin.c"))
+                .arg(src.join("onnx_mini.c"))
+                .arg("-lm")
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}`: {e}"));
+            assert!(
+                out.status.success(),
+                "building the C reference plugin failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::fs::rename(&tmp, &lib).expect("install the C plugin");
+            lib
+        })
+        .clone()
+}
+
+/// The flags the tests build the C plugin with: those of its Makefile, with
+/// warnings as errors.
+pub const C_REFERENCE_FLAGS: &[&str] = &[
+    "-std=c11",
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-Wpedantic",
+    "-Wshadow",
+    "-Wconversion",
+    "-Werror",
+    "-fPIC",
+    "-shared",
+    "-fvisibility=hidden",
+];

@@ -10,6 +10,8 @@ struct FakeRunner {
     runs: u32,
     /// Die like a killed worker: a temporary file left, nothing recorded.
     crash_mid_write: bool,
+    /// Be killed like a worker past its timeout: temporary files left.
+    time_out: bool,
 }
 
 impl Runner for FakeRunner {
@@ -19,6 +21,18 @@ impl Runner for FakeRunner {
             return RunResult::Failed {
                 kind: "error",
                 reason: format!("{}: corrupt gzip stream", job.input.display()),
+            };
+        }
+        if self.time_out {
+            for p in [&job.output, &job.report] {
+                let dir = p.parent().unwrap();
+                let name = p.file_name().unwrap().to_string_lossy();
+                fs::write(dir.join(format!(".{name}.999-0.infl8-tmp")), b"half").unwrap();
+                fs::write(dir.join(format!(".{name}.999.part")), b"half").unwrap();
+            }
+            return RunResult::Failed {
+                kind: "timeout",
+                reason: format!("{}: timed out", job.input.display()),
             };
         }
         if self.crash_mid_write {
@@ -53,11 +67,20 @@ fn dirs() -> Dirs {
 }
 
 fn service(d: &Dirs, move_inputs: bool, runner: FakeRunner) -> Service<FakeRunner> {
+    service_with(d, 0.0, move_inputs, runner)
+}
+
+fn service_with(
+    d: &Dirs,
+    stable_secs: f64,
+    move_inputs: bool,
+    runner: FakeRunner,
+) -> Service<FakeRunner> {
     Service::open(Options {
         inbox: d.inbox.clone(),
         outbox: d.outbox.clone(),
         watch: WatchSettings {
-            stable_secs: 0.0,
+            stable_secs,
             poll_ms: 1,
             move_inputs,
             max_attempts: 3,
@@ -273,9 +296,221 @@ fn a_second_service_on_one_outbox_is_refused() {
     assert!(e.contains("another infl8 watch"), "{e}");
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// Steps until nothing is left to do; a step that keeps finding work (a
+/// loop that spins) fails the test instead of hanging it.
+fn drain_bounded(s: &mut Service<FakeRunner>, max_steps: usize) {
+    s.recover().unwrap();
+    for _ in 0..max_steps {
+        if !s.step().unwrap() {
+            return;
+        }
+    }
+    panic!("still busy after {max_steps} steps: the scan loop spins");
+}
+
+#[test]
+fn complete_results_on_the_last_allowed_attempt_are_recorded_not_failed() {
+    let d = dirs();
+    fs::write(d.inbox.join("good.nii.gz"), b"good bytes").unwrap();
+    // Two deaths before the worker ran, then one after it wrote everything:
+    // the third (last allowed) attempt's results are complete.
+    for step in ["taken", "taken", "ran"] {
+        let mut s = service(&d, true, FakeRunner::default());
+        s.crash_at = Some(step);
+        assert!(drain(&mut s).is_err(), "{step}");
+    }
+    let mut s = service(&d, true, FakeRunner::default());
+    drain(&mut s).unwrap();
+    assert_eq!(s.o.runner.runs, 0);
+    let recs = records(&d);
+    assert_eq!(count(&recs, |r| matches!(r, Record::Done { .. })), 1);
+    assert_eq!(count(&recs, |r| matches!(r, Record::Failed { .. })), 0);
+    assert!(names(&d.outbox.join("failed")).is_empty());
+    assert_eq!(names(&d.outbox.join("done")), ["good.nii.gz"]);
+}
+
+#[test]
+fn a_killed_workers_temporary_files_go_at_once() {
+    let d = dirs();
+    fs::write(d.inbox.join("slow.nii.gz"), b"slow").unwrap();
+    fs::write(d.inbox.join("next.nii.gz"), b"next").unwrap();
+    let mut s = service(
+        &d,
+        true,
+        FakeRunner {
+            time_out: true,
+            ..FakeRunner::default()
+        },
+    );
+    drain(&mut s).unwrap();
+    // No restart in between: the running service cleaned up after itself.
+    assert_eq!(names(&d.outbox), [".infl8", "done", "failed"]);
+    assert_eq!(
+        names(&d.outbox.join("failed")),
+        [
+            "next.nii.gz",
+            "next.nii.gz.error.json",
+            "slow.nii.gz",
+            "slow.nii.gz.error.json"
+        ]
+    );
+}
+
+#[test]
+fn an_unreadable_file_neither_spins_nor_holds_up_the_others() {
+    let d = dirs();
+    // Oldest first: the unreadable file is the first candidate of each scan.
+    fs::write(d.inbox.join("locked.nii.gz"), b"locked").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(d.inbox.join("fine.nii.gz"), b"fine").unwrap();
+    let mut s = service(&d, true, FakeRunner::default());
+    // Root reads any file, so unreadability is faked at the checksum.
+    s.hash = |p| {
+        if p.ends_with("locked.nii.gz") {
+            bail!("{}: permission denied", p.display())
+        }
+        sha256_file(p)
+    };
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 1);
+    assert_eq!(names(&d.outbox.join("done")), ["fine.nii.gz"]);
+    assert_eq!(names(&d.inbox), ["locked.nii.gz"], "left for a later try");
+    // Changed, it is tried again at once.
+    fs::write(d.inbox.join("locked.nii.gz"), b"now readable").unwrap();
+    s.hash = sha256_file;
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 2);
+    assert!(names(&d.inbox).is_empty());
+}
+
+#[test]
+fn a_name_that_is_not_utf8_is_left_alone_and_the_rest_flows() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = dirs();
+    let raw = std::ffi::OsStr::from_bytes(b"scan-\xff.nii.gz");
+    fs::write(d.inbox.join(raw), b"latin-1 name").unwrap();
+    fs::write(d.inbox.join("ok.nii.gz"), b"ok").unwrap();
+    let mut s = service(&d, true, FakeRunner::default());
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 1);
+    assert_eq!(names(&d.outbox.join("done")), ["ok.nii.gz"]);
+    assert!(d.inbox.join(raw).is_file(), "not moved, not lost");
+    assert_eq!(records(&d).len(), 2, "taken + done of ok.nii.gz only");
+}
+
+#[test]
+fn a_file_renamed_from_part_is_taken_without_the_stability_wait() {
+    let d = dirs();
+    // An hour of stability would never pass in this test.
+    let mut s = service_with(&d, 3600.0, true, FakeRunner::default());
+    fs::write(d.inbox.join("a.nii.gz.part"), b"arriving").unwrap();
+    fs::write(d.inbox.join("b.nii.gz.part"), b"arriving too").unwrap();
+    fs::write(d.inbox.join("plain.nii.gz"), b"no part").unwrap();
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 0);
+    fs::rename(d.inbox.join("a.nii.gz.part"), d.inbox.join("a.nii.gz")).unwrap();
+    fs::rename(d.inbox.join("b.nii.gz.part"), d.inbox.join("b.nii.gz")).unwrap();
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 2, "both renamed files, in one scan");
+    assert_eq!(names(&d.inbox), ["plain.nii.gz"], "still waiting to be stable");
+}
+
+#[test]
+fn a_new_file_that_looks_like_a_finished_one_is_still_processed() {
+    let d = dirs();
+    let path = d.inbox.join("a.nii.gz");
+    fs::write(&path, b"AAAA").unwrap();
+    let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+    let mut s = service(&d, true, FakeRunner::default());
+    // Done, and the service dies before the move.
+    s.crash_at = Some("done");
+    assert!(drain(&mut s).is_err());
+    drop(s);
+    // Meanwhile a new scan replaces it: same name, size and mtime.
+    fs::write(&path, b"BBBB").unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let mut s = service(&d, true, FakeRunner::default());
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 1, "the new bytes are segmented");
+    let recs = records(&d);
+    assert_eq!(count(&recs, |r| matches!(r, Record::Done { .. })), 2);
+    let sha = sha256_file(&d.outbox.join("done").join(format!("a-{}.nii.gz", &sha256_hex(b"BBBB")[..12])))
+        .unwrap();
+    assert_eq!(sha, sha256_hex(b"BBBB"), "the new bytes, filed under their own slot");
+    assert!(d.outbox.join("a_seg.nii.gz").is_file(), "the first input's results stay");
+}
+
 #[test]
 fn rfc3339_dates_are_civil() {
     let t = now_rfc3339();
     assert_eq!(t.len(), 24, "{t}");
     assert!(t.starts_with("20") && t.ends_with('Z'), "{t}");
+}
+
+#[test]
+fn limit_refusals_are_classified_as_limits() {
+    for reason in [
+        "x.nii: dims [600, 600, 600] declare 216000000 voxels, more than the limit of 134217728 \
+         (ReadLimits::max_voxels)",
+        "x.nii: the file is 2000 bytes, more than the limit of 1000 (limits.max_input_bytes)",
+        "x.nii: 3 of 1000 voxels are NaN or infinite (reading with NonFinite::Zero replaces them)",
+        "x.nii: timed out: the volume took longer than limits.timeout_s = 5 s",
+    ] {
+        assert_eq!(error_kind(reason), "limit", "{reason}");
+    }
+    assert_eq!(error_kind("x.nii.gz: corrupt gzip stream"), "error");
+}
+
+/// The example unit in packaging/systemd must keep working: its ExecStart
+/// is parsed by this binary's own command line, and the README shows the
+/// same directives.
+#[test]
+fn the_example_systemd_unit_runs_a_command_line_infl8_watch_accepts() {
+    use clap::Parser;
+    const UNIT: &str = include_str!("../../../packaging/systemd/infl8-watch.service");
+    const README: &str = include_str!("../../../README.md");
+    let exec = UNIT
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("the unit has an ExecStart line");
+    // systemd splits on whitespace like this only without its quoting.
+    assert!(!exec.contains(['"', '\'', '\\', '$']), "{exec}");
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    assert!(argv[0].ends_with("/infl8"), "{exec}");
+    let cli = crate::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{exec}\n{e}"));
+    let crate::Command::Watch(a) = cli.command else {
+        panic!("not an `infl8 watch` command: {exec}");
+    };
+    assert!(!a.status && a.worker_job.is_none(), "{exec}");
+    assert!(a.inbox.is_some() && a.model.is_some(), "{exec}");
+    assert!(a.runtime.config.is_some(), "the unit names its profile: {exec}");
+    assert!(
+        a.inbox.as_deref().is_some_and(|i| !i.starts_with(&a.outbox)),
+        "{exec}"
+    );
+
+    let block = README
+        .split("```ini\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("the README shows the unit in an ini block");
+    let mut directives = 0;
+    for line in block.lines().filter(|l| l.contains('=') && !l.starts_with('#')) {
+        directives += 1;
+        assert!(
+            UNIT.lines().any(|u| u == line),
+            "the README's unit has `{line}`, packaging/systemd/infl8-watch.service does not"
+        );
+    }
+    assert!(directives >= 10, "{block}");
+    assert!(block.contains(&format!("ExecStart={exec}\n")));
 }

@@ -167,8 +167,15 @@ pub struct Infl8HostApi {
     pub reserved: u32,
     /// Passed back as the `ctx` argument of `log`.
     pub log_ctx: *mut c_void,
-    /// Log sink usable from C; null if the host takes no logs.
-    pub log: Option<Infl8LogFn>,
+    /// Log sink usable from C ([`Infl8LogFn`]); null if the host takes no logs.
+    pub log: Option<
+        unsafe extern "C" fn(
+            ctx: *mut c_void,
+            level: u32,
+            target: *const c_char,
+            message: *const c_char,
+        ),
+    >,
     /// For Rust plugins only: a NUL-terminated fingerprint of the host's
     /// compiler and `tracing-core` build. A Rust plugin whose own fingerprint
     /// is byte-for-byte equal may use `rust_tracing_dispatch`; any other
@@ -261,11 +268,46 @@ pub struct Infl8PluginTable {
     pub backend_desc_size: u32,
     /// `backend_count` descriptors; the index is what `model_load` takes.
     pub backends: *const Infl8BackendDesc,
-    pub model_load: Option<Infl8ModelLoadFn>,
-    pub model_free: Option<Infl8ModelFreeFn>,
-    pub model_io: Option<Infl8ModelIoFn>,
-    pub model_run: Option<Infl8ModelRunFn>,
-    pub tensor_free: Option<Infl8TensorFreeFn>,
+    // The function pointers spell their types out rather than naming the
+    // aliases above: cbindgen cannot see through an alias inside `Option`,
+    // and would emit an opaque struct instead of a nullable pointer. The
+    // `fields_match_aliases` test makes the compiler hold the two equal.
+    /// Signature and contract: [`Infl8ModelLoadFn`].
+    pub model_load: Option<
+        unsafe extern "C" fn(
+            backend_index: u32,
+            model_path: *const c_char,
+            options_json: *const c_char,
+            out_model: *mut *mut Infl8Model,
+            err: *mut c_char,
+            err_cap: usize,
+        ) -> i32,
+    >,
+    /// Signature and contract: [`Infl8ModelFreeFn`].
+    pub model_free: Option<unsafe extern "C" fn(model: *mut Infl8Model) -> i32>,
+    /// Signature and contract: [`Infl8ModelIoFn`].
+    pub model_io: Option<
+        unsafe extern "C" fn(
+            model: *const Infl8Model,
+            out_io: *mut Infl8ModelIo,
+            err: *mut c_char,
+            err_cap: usize,
+        ) -> i32,
+    >,
+    /// Signature and contract: [`Infl8ModelRunFn`].
+    pub model_run: Option<
+        unsafe extern "C" fn(
+            model: *const Infl8Model,
+            input: *const f32,
+            shape: *const u64,
+            rank: u32,
+            out: *mut Infl8TensorOut,
+            err: *mut c_char,
+            err_cap: usize,
+        ) -> i32,
+    >,
+    /// Signature and contract: [`Infl8TensorFreeFn`].
+    pub tensor_free: Option<unsafe extern "C" fn(owner: *mut c_void) -> i32>,
 }
 
 impl Infl8PluginTable {
@@ -435,6 +477,20 @@ mod tests {
         assert_eq!(abi_major(abi_version(99, 7)), 99);
         assert_eq!(abi_minor(abi_version(99, 7)), 7);
         assert_eq!(version_string(abi_version(2, 3)), "2.3");
+    }
+
+    // Compiles only while each function field has its alias's type.
+    #[test]
+    fn fields_match_aliases() {
+        fn fields(t: &Infl8PluginTable, h: &Infl8HostApi) {
+            let _: Option<Infl8ModelLoadFn> = t.model_load;
+            let _: Option<Infl8ModelFreeFn> = t.model_free;
+            let _: Option<Infl8ModelIoFn> = t.model_io;
+            let _: Option<Infl8ModelRunFn> = t.model_run;
+            let _: Option<Infl8TensorFreeFn> = t.tensor_free;
+            let _: Option<Infl8LogFn> = h.log;
+        }
+        let _ = fields;
     }
 
     #[test]

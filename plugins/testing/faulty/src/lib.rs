@@ -6,10 +6,18 @@
 //! - `faulty-error` returns errors: from `load` when the load options carry
 //!   `"fail": true`, otherwise from every `run`;
 //! - `faulty-bad-output` returns a tensor whose shape disagrees with the
-//!   length of its data.
+//!   length of its data;
+//! - `faulty-marker` segments, and fails only the inputs that carry a
+//!   marker: a window holding a value above the load option `marker_above`
+//!   (default 1000) is refused with a run error, any other window gets a
+//!   per-voxel threshold model (label 1 where the normalised intensity is
+//!   above `threshold`, default 0). `infl8 watch`'s soak test uses it to
+//!   poison chosen volumes of an otherwise working service.
 //!
-//! Models of all of them take `[N, 4]` and return `[N, 4]`; the model path is
-//! not read.
+//! Models of the first four take `[N, 4]` and return `[N, 4]`;
+//! `faulty-marker` takes `[N, 1, X, Y, Z]` and returns `[N, 2, X, Y, Z]`
+//! (any window size: the manifest in the model file sets it). The model
+//! path is not read.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +34,7 @@ infl8_core::export_plugin! {
         Box::new(Faulty::PanicRun),
         Box::new(Faulty::Error),
         Box::new(Faulty::BadOutput),
+        Box::new(Faulty::Marker),
     ],
 }
 
@@ -35,6 +44,7 @@ enum Faulty {
     PanicRun,
     Error,
     BadOutput,
+    Marker,
 }
 
 impl Backend for Faulty {
@@ -44,6 +54,7 @@ impl Backend for Faulty {
             Faulty::PanicRun => "faulty-panic-run",
             Faulty::Error => "faulty-error",
             Faulty::BadOutput => "faulty-bad-output",
+            Faulty::Marker => "faulty-marker",
         }
     }
 
@@ -59,6 +70,39 @@ impl Backend for Faulty {
                     path: model.display().to_string(),
                     message: "faulty-error: deliberate load failure".into(),
                 })
+            }
+            Faulty::Marker if !model.is_file() => Err(BackendError::Load {
+                path: model.display().to_string(),
+                message: "faulty-marker: no such model file".into(),
+            }),
+            Faulty::Marker => {
+                let number = |key: &str, default: f32| -> Result<f32, BackendError> {
+                    match opts.extra.get(key) {
+                        None => Ok(default),
+                        Some(v) => v.as_f64().map(|f| f as f32).ok_or_else(|| {
+                            BackendError::Load {
+                                path: model.display().to_string(),
+                                message: format!("faulty-marker: option {key} = {v} is not a number"),
+                            }
+                        }),
+                    }
+                };
+                let info = |name: &str, channels: usize| TensorInfo {
+                    name: name.into(),
+                    shape: vec![
+                        Dim::Symbolic("N".into()),
+                        Dim::Fixed(channels),
+                        Dim::Symbolic("X".into()),
+                        Dim::Symbolic("Y".into()),
+                        Dim::Symbolic("Z".into()),
+                    ],
+                };
+                Ok(Box::new(MarkerModel {
+                    marker_above: number("marker_above", 1000.0)?,
+                    threshold: number("threshold", 0.0)?,
+                    input: info("image", 1),
+                    output: info("logits", 2),
+                }))
             }
             _ => {
                 let info = |name: &str| TensorInfo {
@@ -103,8 +147,47 @@ impl Model for FaultyModel {
                     checked: AtomicBool::new(false),
                 }),
             ),
-            Faulty::PanicLoad => unreachable!("never loads"),
+            Faulty::PanicLoad | Faulty::Marker => unreachable!("never loads a FaultyModel"),
         }
+    }
+}
+
+/// `faulty-marker`'s model: a threshold per voxel, or an error for a window
+/// holding the marker.
+struct MarkerModel {
+    marker_above: f32,
+    threshold: f32,
+    input: TensorInfo,
+    output: TensorInfo,
+}
+
+impl Model for MarkerModel {
+    fn input(&self) -> &TensorInfo {
+        &self.input
+    }
+
+    fn output(&self) -> &TensorInfo {
+        &self.output
+    }
+
+    fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
+        self.input.check_run_input(data.len(), shape)?;
+        if let Some(v) = data.iter().find(|v| **v > self.marker_above) {
+            return Err(BackendError::Run(format!(
+                "faulty-marker: the window holds the marker value {v} (above marker_above = {})",
+                self.marker_above
+            )));
+        }
+        // One channel in (checked above): each item is one spatial block.
+        let spatial: usize = shape.iter().skip(2).product();
+        let mut out = Vec::with_capacity(2 * data.len());
+        for item in data.chunks(spatial.max(1)) {
+            out.extend(std::iter::repeat_n(0.0, item.len()));
+            out.extend(item.iter().map(|v| v - self.threshold));
+        }
+        let mut out_shape = shape.to_vec();
+        out_shape[1] = 2;
+        Tensor::from_vec(out_shape, out)
     }
 }
 

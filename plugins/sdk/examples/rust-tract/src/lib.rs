@@ -1,0 +1,131 @@
+//! A complete infl8 backend plugin in Rust: ONNX models on tract-onnx, one
+//! batch item at a time. Copy this crate to start a plugin; `plugins/tract`
+//! is the production version of the same idea (parallel batch items,
+//! precision options, tract's logs bridged to the host).
+//!
+//! `export_plugin!` writes the C ABI side: the entry symbol, the function
+//! table, argument checks, error buffers and `catch_unwind` around every
+//! call, so a panic in here reaches the host as an error, never a crash.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use infl8_core::backend::{Backend, BackendError, Dim, LoadOptions, Model, Tensor, TensorInfo};
+use tract_onnx::prelude::{
+    Datum, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TractError,
+    TypedRunnableModel, tvec,
+};
+use tract_onnx::tract_hir::infer::GenericFactoid;
+
+infl8_core::export_plugin! {
+    name: "example-rust",
+    version: env!("CARGO_PKG_VERSION"),
+    backends: [Box::new(ExampleBackend)],
+}
+
+struct ExampleBackend;
+
+impl Backend for ExampleBackend {
+    fn name(&self) -> &str {
+        "example-rust"
+    }
+
+    fn description(&self) -> &str {
+        "SDK example: tract-onnx, one batch item at a time"
+    }
+
+    fn load(&self, model: &Path, _opts: &LoadOptions) -> Result<Box<dyn Model>, BackendError> {
+        Ok(Box::new(ExampleModel::load(model)?))
+    }
+}
+
+struct ExampleModel {
+    /// Specialised to batch 1: each item of a batch runs on its own.
+    plan: Arc<TypedRunnableModel>,
+    input: TensorInfo,
+    output: TensorInfo,
+}
+
+impl ExampleModel {
+    fn load(path: &Path) -> Result<Self, BackendError> {
+        let fail = |message: String| BackendError::Load {
+            path: path.display().to_string(),
+            message,
+        };
+        let tract = |e: TractError| fail(format!("{e:#}"));
+        let mut model = tract_onnx::onnx().model_for_path(path).map_err(tract)?;
+        // infl8 runs batches of fixed-size windows: every input dimension
+        // but the first (the batch) must be known.
+        let fact = model.input_fact(0).map_err(tract)?.clone();
+        let item: Option<Vec<usize>> = fact
+            .shape
+            .dims()
+            .skip(1)
+            .map(|d| match d {
+                GenericFactoid::Only(d) => d.as_i64().and_then(|d| usize::try_from(d).ok()),
+                GenericFactoid::Any => None,
+            })
+            .collect();
+        let item = item
+            .filter(|_| !fact.shape.is_open())
+            .ok_or_else(|| fail(format!("input {fact:?}: its non-batch dims must be fixed")))?;
+        let input_name = model.node(model.input_outlets().map_err(tract)?[0].node).name.clone();
+        let in_shape: Vec<usize> = std::iter::once(1).chain(item.iter().copied()).collect();
+        model
+            .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), in_shape))
+            .map_err(tract)?;
+        let plan = model
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(tract)?;
+        let out_fact = plan.model().output_fact(0).map_err(tract)?;
+        let out_shape = out_fact
+            .shape
+            .as_concrete()
+            .filter(|s| s.first() == Some(&1))
+            .ok_or_else(|| fail("the output must be batch-first with a known shape".into()))?;
+        let info = |name: String, rest: &[usize]| TensorInfo {
+            name,
+            shape: std::iter::once(Dim::Symbolic("N".into()))
+                .chain(rest.iter().map(|&d| Dim::Fixed(d)))
+                .collect(),
+        };
+        let output_name = plan.model().node(plan.model().output_outlets().map_err(tract)?[0].node);
+        Ok(ExampleModel {
+            input: info(input_name, &item),
+            output: info(output_name.name.clone(), &out_shape[1..]),
+            plan,
+        })
+    }
+}
+
+impl Model for ExampleModel {
+    fn input(&self) -> &TensorInfo {
+        &self.input
+    }
+
+    fn output(&self) -> &TensorInfo {
+        &self.output
+    }
+
+    fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
+        // The shape check is the backend's job: the glue turns this error
+        // into INFL8_SHAPE_MISMATCH with the message.
+        self.input.check_run_input(data.len(), shape)?;
+        let run_error = |e: TractError| BackendError::Run(format!("{e:#}"));
+        let mut item_shape = shape.to_vec();
+        item_shape[0] = 1;
+        let item_len: usize = shape[1..].iter().product();
+        let mut out = Vec::new();
+        for item in data.chunks_exact(item_len.max(1)).take(shape[0]) {
+            let x = tract_onnx::prelude::Tensor::from_shape(&item_shape, item).map_err(run_error)?;
+            let y = self.plan.run(tvec![x.into_tvalue()]).map_err(run_error)?;
+            let y = y[0].cast_to::<f32>().map_err(run_error)?;
+            let y = y.try_as_plain_ram().map_err(run_error)?;
+            out.extend_from_slice(y.as_slice::<f32>().map_err(run_error)?);
+        }
+        // All but the batch are fixed (checked at load).
+        let out_shape = self.output.shape.iter().map(|d| d.fixed().unwrap_or(shape[0]));
+        Tensor::from_vec(out_shape.collect(), out)
+    }
+}
