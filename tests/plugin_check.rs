@@ -87,7 +87,7 @@ fn misbehaving_plugin_fails_the_right_checks() {
     // ...an inconsistent tensor is caught at the ABI...
     let bad = row(&out, "faulty-bad-output", "run batch 1");
     assert!(
-        bad.starts_with("FAIL") && bad.contains("disagrees with its length"),
+        bad.starts_with("FAIL") && bad.contains("but the buffer holds"),
         "{bad}"
     );
     // ...and an error where a shape refusal belongs is named.

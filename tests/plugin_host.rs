@@ -441,7 +441,10 @@ fn marker_backend_segments_and_refuses_only_marked_windows() {
     marked[6] = 11.0;
     match model.run(&marked, &[2, 1, 2, 2, 1]) {
         Err(BackendError::Run(m)) => assert!(m.contains("marker value 11"), "{m}"),
-        other => panic!("expected a run error, got {:?}", other.map(|t| t.shape().to_vec())),
+        other => panic!(
+            "expected a run error, got {:?}",
+            other.map(|t| t.shape().to_vec())
+        ),
     }
     let mut bad = LoadOptions::default();
     bad.extra.insert("marker_above".into(), "high".into());

@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use infl8_core::nifti_io::{self, ReadLimits};
 use infl8_core::volume::Volume;
 use infl8_suite::{
-    c_reference_plugin, example_model, infl8, ok, plugin_lib, repo_root, s, t1_2mm,
+    c_reference_plugin, compile_c, example_model, infl8, ok, plugin_lib, repo_root, s, t1_2mm,
 };
 
 fn stdout(o: &Output) -> String {
@@ -73,12 +73,7 @@ fn rust_example_plugin_conforms() {
 
 /// `infl8 segment` of the real 2 mm T1 on `backend`, found in `plugin_dir`;
 /// returns the labels and logits.
-fn segment(
-    dir: &Path,
-    model: &Path,
-    backend: &str,
-    plugin_dir: &Path,
-) -> (Volume, Volume) {
+fn segment(dir: &Path, model: &Path, backend: &str, plugin_dir: &Path) -> (Volume, Volume) {
     let labels = dir.join(format!("{backend}-mask.nii.gz"));
     let logits = dir.join(format!("{backend}-logits.nii.gz"));
     ok(&infl8(&[
@@ -188,29 +183,22 @@ fn c_reference_survives_damaged_models_under_sanitizers() {
     let model = example_model(dir.path(), 8);
     let src = repo_root().join("plugins/sdk/examples/c-reference");
     let exe = dir.path().join("selftest");
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let build = Command::new(&cc)
-        .args([
-            "-std=c11",
-            "-O1",
-            "-g",
-            "-fsanitize=address,undefined",
-            "-fno-sanitize-recover=all",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-o",
-        ])
-        .arg(&exe)
-        .arg(src.join("selftest.c"))
-        .arg(src.join("onnx_mini.c"))
-        .arg("-lm")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{cc}`: {e}"));
-    assert!(
-        build.status.success(),
-        "building the sanitized self-test failed:\n{}",
-        String::from_utf8_lossy(&build.stderr)
+    let flags = [
+        "-std=c11",
+        "-O1",
+        "-g",
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=all",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+    ]
+    .map(std::ffi::OsStr::new);
+    compile_c(
+        &flags,
+        &exe,
+        &[src.join("selftest.c"), src.join("onnx_mini.c")],
+        "the sanitized self-test",
     );
     let run = Command::new(&exe)
         .arg(&model)

@@ -53,11 +53,7 @@ struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        infl8_core::rng::splitmix64(&mut self.0)
     }
 
     /// Uniform in `lo..=hi`.
@@ -855,8 +851,7 @@ fn check_results(inputs: &[Input], inbox: &Path, outbox: &Path, log: &Path) {
         "inbox not empty: {:?}",
         names(inbox)
     );
-    let mut want_outbox: BTreeSet<String> =
-        [".infl8", "done", "failed"].map(str::to_owned).into();
+    let mut want_outbox: BTreeSet<String> = [".infl8", "done", "failed"].map(str::to_owned).into();
     let mut want_done = BTreeSet::new();
     let mut want_failed = BTreeSet::new();
     let limits = ReadLimits::default();
@@ -876,16 +871,21 @@ fn check_results(inputs: &[Input], inbox: &Path, outbox: &Path, log: &Path) {
             want_outbox.insert(output.clone());
             want_outbox.insert(report.clone());
             want_done.insert(filed.clone());
-            let r: Value =
-                serde_json::from_str(&fs::read_to_string(outbox.join(&report)).unwrap())
-                    .unwrap_or_else(|e| panic!("{report}: {e}"));
+            let r: Value = serde_json::from_str(&fs::read_to_string(outbox.join(&report)).unwrap())
+                .unwrap_or_else(|e| panic!("{report}: {e}"));
             assert_eq!(r["input"], name.as_str(), "{r}");
             assert_eq!(r["input_sha256"], shas[name].as_str(), "{r}");
             assert_eq!(r["input_bytes"], input.bytes.len(), "{r}");
             assert_eq!(r["output"], output.as_str(), "{r}");
             assert_eq!(r["backend"], "faulty-marker", "{r}");
-            assert!(r["model"].as_str().is_some_and(|m| m.ends_with(".onnx")), "{r}");
-            assert!(r["timings"]["total_s"].as_f64().is_some_and(|t| t > 0.0), "{r}");
+            assert!(
+                r["model"].as_str().is_some_and(|m| m.ends_with(".onnx")),
+                "{r}"
+            );
+            assert!(
+                r["timings"]["total_s"].as_f64().is_some_and(|t| t > 0.0),
+                "{r}"
+            );
             assert_eq!(
                 fs::read(outbox.join("done").join(&filed)).unwrap(),
                 input.bytes,

@@ -715,6 +715,18 @@ impl<R: Runner> Service<R> {
         })();
         self.status.state = if result.is_ok() { "stopped" } else { "crashed" }.into();
         self.status.current = None;
+        // The queue as the service leaves it: the last scan counted the
+        // volume just finished, and a stop comes before the next scan.
+        if let Ok((candidates, _)) = self.candidates() {
+            self.status.queue = candidates
+                .iter()
+                .filter(|c| {
+                    self.state
+                        .finished_as(&c.name, c.size, c.mtime_ns)
+                        .is_none()
+                })
+                .count();
+        }
         self.write_status();
         info!("stopped");
         result
@@ -811,11 +823,13 @@ impl<R: Runner> Service<R> {
         for c in candidates {
             present.push(c.name.clone());
             let retry_later = self.seen.get(&c.name).is_some_and(|s| {
-                s.size == c.size
-                    && s.mtime_ns == c.mtime_ns
-                    && s.retry_at.is_some_and(|t| now < t)
+                s.size == c.size && s.mtime_ns == c.mtime_ns && s.retry_at.is_some_and(|t| now < t)
             });
-            if self.state.finished_as(&c.name, c.size, c.mtime_ns).is_some() {
+            if self
+                .state
+                .finished_as(&c.name, c.size, c.mtime_ns)
+                .is_some()
+            {
                 // Finished: the service died before the move, or inputs stay
                 // in place. Left in place, it is never processed again. To be
                 // moved, it is hashed first: a new file of the same name,

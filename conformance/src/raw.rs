@@ -326,30 +326,15 @@ fn missing(what: &str) -> Status {
 
 /// Validates a returned tensor and copies its values.
 fn copy_out(out: &Infl8TensorOut) -> Result<Output, Status> {
-    let bad = |message: String| Status {
+    let (shape, len) = infl8_core::plugin::check_output(out).map_err(|e| Status {
         code: INFL8_ERROR,
-        message,
-    };
-    let rank = out.rank as usize;
-    if rank > INFL8_MAX_RANK {
-        return Err(bad(format!("output rank {rank} exceeds {INFL8_MAX_RANK}")));
-    }
-    let shape: Vec<usize> = out.shape[..rank].iter().map(|&d| d as usize).collect();
-    let want = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    if want != Some(out.len as usize) {
-        return Err(bad(format!(
-            "output shape {shape:?} disagrees with its length {}",
-            out.len
-        )));
-    }
-    if out.len > 0 && (out.data.is_null() || !out.data.is_aligned()) {
-        return Err(bad("output data is null or misaligned".into()));
-    }
-    let data = if out.len == 0 {
+        message: format!("output: {e}"),
+    })?;
+    let data = if len == 0 {
         Vec::new()
     } else {
-        // SAFETY: non-null, aligned, `len` values valid until tensor_free.
-        unsafe { std::slice::from_raw_parts(out.data, out.len as usize) }.to_vec()
+        // SAFETY: checked non-null, aligned, `len` values; valid until tensor_free.
+        unsafe { std::slice::from_raw_parts(out.data, len) }.to_vec()
     };
     Ok(Output { shape, data })
 }

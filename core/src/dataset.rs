@@ -504,18 +504,12 @@ pub fn split(cases: &[Case], validation_fraction: f64, seed: u64) -> (Vec<Case>,
     (training, validation)
 }
 
-/// SplitMix64 (Steele, Lea & Flood 2014): tiny, fast and fully specified,
-/// so splits are reproducible without a `rand` dependency whose streams
-/// may change between versions.
+/// [`crate::rng::splitmix64`]: splits reproducible on every platform.
 struct SplitMix64(u64);
 
 impl SplitMix64 {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        crate::rng::splitmix64(&mut self.0)
     }
 
     /// Uniform in `0..n` by multiply-shift (Lemire): no modulo bias worth

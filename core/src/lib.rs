@@ -21,6 +21,7 @@ pub mod nifti_io;
 pub mod plugin;
 pub mod preprocess;
 pub mod preview;
+pub mod rng;
 pub mod segment;
 pub mod volume;
 

@@ -7,7 +7,7 @@
 
 pub mod npy;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The workspace root.
 pub fn repo_root() -> PathBuf {
@@ -200,27 +200,39 @@ pub fn c_reference_plugin() -> PathBuf {
             // Built under a temporary name and renamed: a test binary that
             // runs meanwhile never loads a half-written library.
             let tmp = dir.join(format!("build-{}.tmp", std::process::id()));
-            let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-            let out = std::process::Command::new(&cc)
-                .args(C_REFERENCE_FLAGS)
-                .arg("-I")
-                .arg(repo_root().join("plugins/sdk/include"))
-                .arg("-o")
-                .arg(&tmp)
-                .arg(src.join("plugin.c"))
-                .arg(src.join("onnx_mini.c"))
-                .arg("-lm")
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}`: {e}"));
-            assert!(
-                out.status.success(),
-                "building the C reference plugin failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
+            let include = repo_root().join("plugins/sdk/include");
+            let mut flags: Vec<&std::ffi::OsStr> =
+                C_REFERENCE_FLAGS.iter().map(std::ffi::OsStr::new).collect();
+            flags.extend([std::ffi::OsStr::new("-I"), include.as_os_str()]);
+            compile_c(
+                &flags,
+                &tmp,
+                &[src.join("plugin.c"), src.join("onnx_mini.c")],
+                "the C reference plugin",
             );
             std::fs::rename(&tmp, &lib).expect("install the C plugin");
             lib
         })
         .clone()
+}
+
+/// Compiles and links C `sources` into `out` with the system C compiler
+/// (`$CC`, else `cc`), panicking with the compiler's messages on failure.
+pub fn compile_c(flags: &[&std::ffi::OsStr], out: &Path, sources: &[PathBuf], what: &str) {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let o = std::process::Command::new(&cc)
+        .args(flags)
+        .arg("-o")
+        .arg(out)
+        .args(sources)
+        .arg("-lm")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}`: {e}"));
+    assert!(
+        o.status.success(),
+        "building {what} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// The flags the tests build the C plugin with: those of its Makefile, with

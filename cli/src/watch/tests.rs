@@ -12,6 +12,8 @@ struct FakeRunner {
     crash_mid_write: bool,
     /// Be killed like a worker past its timeout: temporary files left.
     time_out: bool,
+    /// A SIGTERM while this run is in progress: set once it is done.
+    stop_after_run: Option<Arc<AtomicBool>>,
 }
 
 impl Runner for FakeRunner {
@@ -44,6 +46,9 @@ impl Runner for FakeRunner {
         write_atomic(&job.output, job.sha256.as_bytes()).unwrap();
         let report = json!({"input": job.name, "input_sha256": job.sha256, "attempt": job.attempt});
         write_atomic(&job.report, report.to_string().as_bytes()).unwrap();
+        if let Some(stop) = &self.stop_after_run {
+            stop.store(true, Ordering::SeqCst);
+        }
         RunResult::Ok
     }
 }
@@ -278,6 +283,23 @@ fn inputs_left_in_place_are_not_processed_again_but_new_content_is() {
 }
 
 #[test]
+fn a_stop_right_after_the_last_volume_leaves_an_empty_queue_in_the_status() {
+    let d = dirs();
+    fs::write(d.inbox.join("a.nii.gz"), b"only").unwrap();
+    let mut s = service(&d, true, FakeRunner::default());
+    s.o.runner.stop_after_run = Some(s.o.stop.clone());
+    // One scan counts a.nii.gz as queued, processes it, and the stop
+    // comes before another scan.
+    s.run().unwrap();
+    assert_eq!(s.o.runner.runs, 1);
+    let status: Status =
+        serde_json::from_str(&fs::read_to_string(d.outbox.join(".infl8/status.json")).unwrap())
+            .unwrap();
+    assert_eq!(status.state, "stopped");
+    assert_eq!((status.done, status.queue), (1, 0));
+}
+
+#[test]
 fn a_second_service_on_one_outbox_is_refused() {
     let d = dirs();
     let _first = service(&d, true, FakeRunner::default());
@@ -416,7 +438,11 @@ fn a_file_renamed_from_part_is_taken_without_the_stability_wait() {
     fs::rename(d.inbox.join("b.nii.gz.part"), d.inbox.join("b.nii.gz")).unwrap();
     drain_bounded(&mut s, 10);
     assert_eq!(s.o.runner.runs, 2, "both renamed files, in one scan");
-    assert_eq!(names(&d.inbox), ["plain.nii.gz"], "still waiting to be stable");
+    assert_eq!(
+        names(&d.inbox),
+        ["plain.nii.gz"],
+        "still waiting to be stable"
+    );
 }
 
 #[test]
@@ -443,10 +469,21 @@ fn a_new_file_that_looks_like_a_finished_one_is_still_processed() {
     assert_eq!(s.o.runner.runs, 1, "the new bytes are segmented");
     let recs = records(&d);
     assert_eq!(count(&recs, |r| matches!(r, Record::Done { .. })), 2);
-    let sha = sha256_file(&d.outbox.join("done").join(format!("a-{}.nii.gz", &sha256_hex(b"BBBB")[..12])))
-        .unwrap();
-    assert_eq!(sha, sha256_hex(b"BBBB"), "the new bytes, filed under their own slot");
-    assert!(d.outbox.join("a_seg.nii.gz").is_file(), "the first input's results stay");
+    let sha = sha256_file(
+        &d.outbox
+            .join("done")
+            .join(format!("a-{}.nii.gz", &sha256_hex(b"BBBB")[..12])),
+    )
+    .unwrap();
+    assert_eq!(
+        sha,
+        sha256_hex(b"BBBB"),
+        "the new bytes, filed under their own slot"
+    );
+    assert!(
+        d.outbox.join("a_seg.nii.gz").is_file(),
+        "the first input's results stay"
+    );
 }
 
 #[test]
@@ -492,9 +529,14 @@ fn the_example_systemd_unit_runs_a_command_line_infl8_watch_accepts() {
     };
     assert!(!a.status && a.worker_job.is_none(), "{exec}");
     assert!(a.inbox.is_some() && a.model.is_some(), "{exec}");
-    assert!(a.runtime.config.is_some(), "the unit names its profile: {exec}");
     assert!(
-        a.inbox.as_deref().is_some_and(|i| !i.starts_with(&a.outbox)),
+        a.runtime.config.is_some(),
+        "the unit names its profile: {exec}"
+    );
+    assert!(
+        a.inbox
+            .as_deref()
+            .is_some_and(|i| !i.starts_with(&a.outbox)),
         "{exec}"
     );
 
@@ -504,7 +546,10 @@ fn the_example_systemd_unit_runs_a_command_line_infl8_watch_accepts() {
         .and_then(|b| b.split("```").next())
         .expect("the README shows the unit in an ini block");
     let mut directives = 0;
-    for line in block.lines().filter(|l| l.contains('=') && !l.starts_with('#')) {
+    for line in block
+        .lines()
+        .filter(|l| l.contains('=') && !l.starts_with('#'))
+    {
         directives += 1;
         assert!(
             UNIT.lines().any(|u| u == line),

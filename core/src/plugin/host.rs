@@ -979,8 +979,11 @@ pub(crate) fn check_run_output(
     Ok((out_shape, len))
 }
 
-/// Checks a tensor a plugin returned; yields its shape and length.
-fn check_output(out: &Infl8TensorOut) -> Result<(Vec<usize>, usize), String> {
+/// Checks a tensor a plugin returned before anything reads its buffer:
+/// rank, a shape that fits in memory and agrees with the length, non-null
+/// aligned data. Yields its shape and length. Public for tools that drive
+/// the raw ABI (the conformance kit), so they judge outputs as the host does.
+pub fn check_output(out: &Infl8TensorOut) -> Result<(Vec<usize>, usize), String> {
     let rank = out.rank as usize;
     if rank > INFL8_MAX_RANK {
         return Err(format!("rank {rank} exceeds {INFL8_MAX_RANK}"));

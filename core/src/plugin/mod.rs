@@ -35,7 +35,7 @@ mod host;
 
 pub use abi::{INFL8_ABI_MAJOR, INFL8_ABI_MINOR, INFL8_ABI_VERSION};
 pub use chain::{BackendFailure, ChainError, ChainLoad, load_with_fallback};
-pub use host::{BackendInfo, PluginError, PluginHost, PluginSummary};
+pub use host::{BackendInfo, PluginError, PluginHost, PluginSummary, check_output};
 #[cfg(feature = "fuzzing")]
 pub(crate) use host::{check_run_output, tensor_info};
 

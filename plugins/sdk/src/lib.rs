@@ -28,8 +28,8 @@ pub fn generate_header() -> Result<String, String> {
 }
 
 fn generate_header_from(src: &Path, config: &Path) -> Result<String, String> {
-    let config = cbindgen::Config::from_file(config)
-        .map_err(|e| format!("{}: {e}", config.display()))?;
+    let config =
+        cbindgen::Config::from_file(config).map_err(|e| format!("{}: {e}", config.display()))?;
     let bindings = cbindgen::Builder::new()
         .with_config(config)
         .with_src(src)

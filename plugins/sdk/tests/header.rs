@@ -45,12 +45,23 @@ fn compile(source: &str, cxx: bool) -> Result<(), String> {
     let file = dir.path().join(if cxx { "check.cpp" } else { "check.c" });
     std::fs::write(&file, source).expect("write the check source");
     let (compiler, std) = if cxx {
-        (std::env::var("CXX").unwrap_or_else(|_| "c++".into()), "-std=c++11")
+        (
+            std::env::var("CXX").unwrap_or_else(|_| "c++".into()),
+            "-std=c++11",
+        )
     } else {
         (cc(), "-std=c11")
     };
     let out = Command::new(&compiler)
-        .args([std, "-fsyntax-only", "-Wall", "-Wextra", "-Wpedantic", "-Werror", "-I"])
+        .args([
+            std,
+            "-fsyntax-only",
+            "-Wall",
+            "-Wextra",
+            "-Wpedantic",
+            "-Werror",
+            "-I",
+        ])
         .arg(sdk_dir().join("include"))
         .arg(&file)
         .output()
@@ -173,8 +184,13 @@ fn c_compiler_agrees_on_layout_and_constants() {
     let header = std::fs::read_to_string(header_path()).expect("read the header");
     let defines = header.matches("#define INFL8_").count();
     // INFL8_PLUGIN_H and INFL8_EXPORT (twice: Windows and elsewhere) are not constants.
-    assert_eq!(defines - 3, 20, "a constant was added: assert its value here");
-    compile(&source, false).unwrap_or_else(|e| panic!("layout mismatch:\n{e}\n--- source:\n{source}"));
+    assert_eq!(
+        defines - 3,
+        20,
+        "a constant was added: assert its value here"
+    );
+    compile(&source, false)
+        .unwrap_or_else(|e| panic!("layout mismatch:\n{e}\n--- source:\n{source}"));
 }
 
 #[test]
@@ -192,7 +208,10 @@ fn header_compiles_as_cxx() {
 fn a_layout_change_is_caught() {
     // The check must be able to fail: a wrong offset is a compile error.
     let bad = layout_assertions().replace(
-        &format!("offsetof(Infl8TensorOut, owner) == {}", offset_of!(Infl8TensorOut, owner)),
+        &format!(
+            "offsetof(Infl8TensorOut, owner) == {}",
+            offset_of!(Infl8TensorOut, owner)
+        ),
         "offsetof(Infl8TensorOut, owner) == 1",
     );
     assert!(compile(&bad, false).is_err());

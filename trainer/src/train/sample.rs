@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::ModelShape;
 
-/// SplitMix64: tiny, seedable, and its whole state is one u64, so a resumed
-/// run continues the exact same stream.
+/// SplitMix64 ([`infl8_core::rng`]): its whole state is one u64, so a
+/// resumed run continues the exact same stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rng {
     pub state: u64,
@@ -32,11 +32,7 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        infl8_core::rng::splitmix64(&mut self.state)
     }
 
     /// Uniform in `[0, 1)`.

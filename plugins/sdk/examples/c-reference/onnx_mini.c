@@ -902,24 +902,45 @@ static void describe_input(om_model *m, const char **params) {
     }
 }
 
-static int parse_graph(om_model *m, pb g, char *err, size_t cap) {
+/* The next length-delimited field `want` of a message: 1 with its bytes in
+ * *sub, 0 at the end, -1 when the message is malformed. */
+static int pb_next_field(pb *r, uint32_t want, pb *sub) {
     uint32_t field, wire;
-    int n_inputs = 0, n_outputs = 0;
+    while (r->p < r->end) {
+        if (!pb_key(r, &field, &wire)) {
+            return -1;
+        }
+        if (field == want && wire == WIRE_LEN) {
+            return pb_sub(r, sub) ? 1 : -1;
+        }
+        if (!pb_skip(r, wire)) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A ValueInfoProto into a zeroed *vi; on failure nothing stays allocated. */
+static int read_value_info(pb sub, om_value_info *vi, char *err, size_t cap) {
+    memset(vi, 0, sizeof *vi);
+    if (!parse_value_info(sub, vi, err, cap)) {
+        free(vi->name);
+        vi->name = NULL;
+        return 0;
+    }
+    return 1;
+}
+
+/* GraphProto fields (onnx.proto3). */
+enum { GRAPH_NODE = 1, GRAPH_INITIALIZER = 5, GRAPH_INPUT = 11, GRAPH_OUTPUT = 12 };
+
+static int parse_graph(om_model *m, pb g, char *err, size_t cap) {
+    int n_inputs = 0, n_outputs = 0, got;
+    pb r, sub;
     /* Pass 1: initializers, which graph inputs may repeat (IR < 4). */
-    for (pb r = g; r.p < r.end;) {
-        pb sub;
-        if (!pb_key(&r, &field, &wire)) {
-            goto malformed;
-        }
-        if (field != 5 || wire != WIRE_LEN) {
-            if (!pb_skip(&r, wire)) {
-                goto malformed;
-            }
-            continue;
-        }
-        if (!pb_sub(&r, &sub) ||
-            !grow((void **)&m->inits, &m->cap_inits, m->n_inits + 1, sizeof(tensor))) {
-            goto malformed;
+    for (r = g; (got = pb_next_field(&r, GRAPH_INITIALIZER, &sub)) > 0;) {
+        if (!grow((void **)&m->inits, &m->cap_inits, m->n_inits + 1, sizeof(tensor))) {
+            goto oom;
         }
         char *name = NULL;
         tensor *t = &m->inits[m->n_inits];
@@ -939,25 +960,13 @@ static int parse_graph(om_model *m, pb g, char *err, size_t cap) {
         }
         m->n_inits++;
     }
+    if (got < 0) {
+        goto malformed;
+    }
     /* Pass 2: the graph input that is not an initializer. */
-    for (pb r = g; r.p < r.end;) {
-        pb sub;
-        if (!pb_key(&r, &field, &wire)) {
-            goto malformed;
-        }
-        if (field != 11 || wire != WIRE_LEN) {
-            if (!pb_skip(&r, wire)) {
-                goto malformed;
-            }
-            continue;
-        }
+    for (r = g; (got = pb_next_field(&r, GRAPH_INPUT, &sub)) > 0;) {
         om_value_info vi;
-        memset(&vi, 0, sizeof vi);
-        if (!pb_sub(&r, &sub)) {
-            goto malformed;
-        }
-        if (!parse_value_info(sub, &vi, err, cap)) {
-            free(vi.name);
+        if (!read_value_info(sub, &vi, err, cap)) {
             return 0;
         }
         if (find_value(m, vi.name) >= 0) {
@@ -976,6 +985,9 @@ static int parse_graph(om_model *m, pb g, char *err, size_t cap) {
             goto oom;
         }
     }
+    if (got < 0) {
+        goto malformed;
+    }
     if (n_inputs == 0) {
         om_errorf(err, cap, "the model has no input");
         return 0;
@@ -987,43 +999,18 @@ static int parse_graph(om_model *m, pb g, char *err, size_t cap) {
     }
     describe_input(m, params);
     /* Pass 3: nodes, in file order (ONNX requires topological order). */
-    for (pb r = g; r.p < r.end;) {
-        pb sub;
-        if (!pb_key(&r, &field, &wire)) {
-            goto malformed;
-        }
-        if (field != 1 || wire != WIRE_LEN) {
-            if (!pb_skip(&r, wire)) {
-                goto malformed;
-            }
-            continue;
-        }
-        if (!pb_sub(&r, &sub)) {
-            goto malformed;
-        }
+    for (r = g; (got = pb_next_field(&r, GRAPH_NODE, &sub)) > 0;) {
         if (!parse_node(m, sub, err, cap)) {
             return 0;
         }
     }
+    if (got < 0) {
+        goto malformed;
+    }
     /* Pass 4: the output. */
-    for (pb r = g; r.p < r.end;) {
-        pb sub;
-        if (!pb_key(&r, &field, &wire)) {
-            goto malformed;
-        }
-        if (field != 12 || wire != WIRE_LEN) {
-            if (!pb_skip(&r, wire)) {
-                goto malformed;
-            }
-            continue;
-        }
+    for (r = g; (got = pb_next_field(&r, GRAPH_OUTPUT, &sub)) > 0;) {
         om_value_info vi;
-        memset(&vi, 0, sizeof vi);
-        if (!pb_sub(&r, &sub)) {
-            goto malformed;
-        }
-        if (!parse_value_info(sub, &vi, err, cap)) {
-            free(vi.name);
+        if (!read_value_info(sub, &vi, err, cap)) {
             return 0;
         }
         if (n_outputs++ > 0) {
@@ -1039,6 +1026,9 @@ static int parse_graph(om_model *m, pb g, char *err, size_t cap) {
             return 0;
         }
         m->values[m->output_id].last_use = m->n_nodes;
+    }
+    if (got < 0) {
+        goto malformed;
     }
     if (n_outputs == 0) {
         om_errorf(err, cap, "the model has no output");

@@ -79,12 +79,15 @@ impl Backend for Faulty {
                 let number = |key: &str, default: f32| -> Result<f32, BackendError> {
                     match opts.extra.get(key) {
                         None => Ok(default),
-                        Some(v) => v.as_f64().map(|f| f as f32).ok_or_else(|| {
-                            BackendError::Load {
+                        Some(v) => v
+                            .as_f64()
+                            .map(|f| f as f32)
+                            .ok_or_else(|| BackendError::Load {
                                 path: model.display().to_string(),
-                                message: format!("faulty-marker: option {key} = {v} is not a number"),
-                            }
-                        }),
+                                message: format!(
+                                    "faulty-marker: option {key} = {v} is not a number"
+                                ),
+                            }),
                     }
                 };
                 let info = |name: &str, channels: usize| TensorInfo {

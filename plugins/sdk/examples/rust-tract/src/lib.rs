@@ -69,7 +69,10 @@ impl ExampleModel {
         let item = item
             .filter(|_| !fact.shape.is_open())
             .ok_or_else(|| fail(format!("input {fact:?}: its non-batch dims must be fixed")))?;
-        let input_name = model.node(model.input_outlets().map_err(tract)?[0].node).name.clone();
+        let input_name = model
+            .node(model.input_outlets().map_err(tract)?[0].node)
+            .name
+            .clone();
         let in_shape: Vec<usize> = std::iter::once(1).chain(item.iter().copied()).collect();
         model
             .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), in_shape))
@@ -90,7 +93,9 @@ impl ExampleModel {
                 .chain(rest.iter().map(|&d| Dim::Fixed(d)))
                 .collect(),
         };
-        let output_name = plan.model().node(plan.model().output_outlets().map_err(tract)?[0].node);
+        let output_name = plan
+            .model()
+            .node(plan.model().output_outlets().map_err(tract)?[0].node);
         Ok(ExampleModel {
             input: info(input_name, &item),
             output: info(output_name.name.clone(), &out_shape[1..]),
@@ -118,14 +123,19 @@ impl Model for ExampleModel {
         let item_len: usize = shape[1..].iter().product();
         let mut out = Vec::new();
         for item in data.chunks_exact(item_len.max(1)).take(shape[0]) {
-            let x = tract_onnx::prelude::Tensor::from_shape(&item_shape, item).map_err(run_error)?;
+            let x =
+                tract_onnx::prelude::Tensor::from_shape(&item_shape, item).map_err(run_error)?;
             let y = self.plan.run(tvec![x.into_tvalue()]).map_err(run_error)?;
             let y = y[0].cast_to::<f32>().map_err(run_error)?;
             let y = y.try_as_plain_ram().map_err(run_error)?;
             out.extend_from_slice(y.as_slice::<f32>().map_err(run_error)?);
         }
         // All but the batch are fixed (checked at load).
-        let out_shape = self.output.shape.iter().map(|d| d.fixed().unwrap_or(shape[0]));
+        let out_shape = self
+            .output
+            .shape
+            .iter()
+            .map(|d| d.fixed().unwrap_or(shape[0]));
         Tensor::from_vec(out_shape.collect(), out)
     }
 }
