@@ -163,6 +163,12 @@ fn encode(stage: &Path, name: &str, v: &Volume, dt: DataType) -> Vec<u8> {
     bytes
 }
 
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
 fn delivery(rng: &mut Rng) -> Delivery {
     let r = rng.unit();
     let pauses = |rng: &mut Rng, lo: u64, hi: u64| -> Vec<u64> {
@@ -249,15 +255,8 @@ fn inputs(n: usize, rng: &mut Rng, stage: &Path) -> Vec<Input> {
             Kind::Garbage => {
                 let len = rng.range(400, 3000) as usize;
                 let junk: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-                let bytes = if gz {
-                    // A sound gzip stream around a garbage header.
-                    let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
-                    e.write_all(&junk).unwrap();
-                    e.finish().unwrap()
-                } else {
-                    junk
-                };
-                (bytes, None)
+                // gz: a sound gzip stream around a garbage header.
+                (if gz { gzip(&junk) } else { junk }, None)
             }
             Kind::Empty => (Vec::new(), None),
             Kind::Marker => {
@@ -282,14 +281,7 @@ fn inputs(n: usize, rng: &mut Rng, stage: &Path) -> Vec<Input> {
                     .expect("the probe voxel");
                 let mut raw = raw;
                 raw[pos..pos + 4].copy_from_slice(&f32::NAN.to_le_bytes());
-                let bytes = if gz {
-                    let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
-                    e.write_all(&raw).unwrap();
-                    e.finish().unwrap()
-                } else {
-                    raw
-                };
-                (bytes, None)
+                (if gz { gzip(&raw) } else { raw }, None)
             }
             Kind::TooLarge => {
                 let v = cut(&t1, rng, [28, 28, 28], 1);
