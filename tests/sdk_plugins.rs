@@ -192,8 +192,7 @@ fn c_reference_survives_damaged_models_under_sanitizers() {
         "-Wall",
         "-Wextra",
         "-Werror",
-    ]
-    .map(std::ffi::OsStr::new);
+    ];
     compile_c(
         &flags,
         &exe,

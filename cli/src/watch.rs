@@ -517,6 +517,18 @@ struct Seen {
     retry_at: Option<Instant>,
 }
 
+impl Seen {
+    /// The file as this scan sees it, from now on.
+    fn first(c: &Candidate, now: Instant) -> Seen {
+        Seen {
+            size: c.size,
+            mtime_ns: c.mtime_ns,
+            since: now,
+            retry_at: None,
+        }
+    }
+}
+
 /// How long an inbox file that cannot be read waits before another try
 /// (a change of its size or mtime retries at once).
 const UNREADABLE_RETRY: Duration = Duration::from_secs(30);
@@ -718,14 +730,7 @@ impl<R: Runner> Service<R> {
         // The queue as the service leaves it: the last scan counted the
         // volume just finished, and a stop comes before the next scan.
         if let Ok((candidates, _)) = self.candidates() {
-            self.status.queue = candidates
-                .iter()
-                .filter(|c| {
-                    self.state
-                        .finished_as(&c.name, c.size, c.mtime_ns)
-                        .is_none()
-                })
-                .count();
+            self.status.queue = self.queued(&candidates);
         }
         self.write_status();
         info!("stopped");
@@ -765,6 +770,18 @@ impl<R: Runner> Service<R> {
             }
         }
         Ok(())
+    }
+
+    /// How many of the inbox's files are waiting: not finished.
+    fn queued(&self, candidates: &[Candidate]) -> usize {
+        candidates
+            .iter()
+            .filter(|c| {
+                self.state
+                    .finished_as(&c.name, c.size, c.mtime_ns)
+                    .is_none()
+            })
+            .count()
     }
 
     /// The inbox's files, oldest first, and the names whose `.part` is there.
@@ -817,9 +834,9 @@ impl<R: Runner> Service<R> {
         let now = Instant::now();
         let stable = Duration::from_secs_f64(self.o.watch.stable_secs);
         let mut ready = None;
-        let mut queue = 0;
         let mut present = Vec::new();
         let (candidates, parts) = self.candidates()?;
+        let queue = self.queued(&candidates);
         for c in candidates {
             present.push(c.name.clone());
             let retry_later = self.seen.get(&c.name).is_some_and(|s| {
@@ -840,26 +857,18 @@ impl<R: Runner> Service<R> {
                 }
                 continue;
             }
-            queue += 1;
             // Renamed from NAME.part since the last scan (and the .part is
             // gone): the writer says it is complete, no need to wait.
             let just_renamed = self.parts.contains(&c.name) && !parts.contains(&c.name);
             if just_renamed {
                 self.renamed.insert(c.name.clone());
             }
-            let seen = self.seen.entry(c.name.clone()).or_insert(Seen {
-                size: c.size,
-                mtime_ns: c.mtime_ns,
-                since: now,
-                retry_at: None,
-            });
+            let seen = self
+                .seen
+                .entry(c.name.clone())
+                .or_insert(Seen::first(&c, now));
             if seen.size != c.size || seen.mtime_ns != c.mtime_ns {
-                *seen = Seen {
-                    size: c.size,
-                    mtime_ns: c.mtime_ns,
-                    since: now,
-                    retry_at: None,
-                };
+                *seen = Seen::first(&c, now);
                 // Written to after the rename: judged by stability again.
                 if !just_renamed {
                     self.renamed.remove(&c.name);
@@ -891,12 +900,10 @@ impl<R: Runner> Service<R> {
                         "cannot read an inbox file, trying the others: {e:#}"
                     );
                     // Finished files are not tracked yet: the entry is new.
-                    let seen = self.seen.entry(c.name.clone()).or_insert(Seen {
-                        size: c.size,
-                        mtime_ns: c.mtime_ns,
-                        since: now,
-                        retry_at: None,
-                    });
+                    let seen = self
+                        .seen
+                        .entry(c.name.clone())
+                        .or_insert(Seen::first(&c, now));
                     seen.retry_at = Some(Instant::now() + UNREADABLE_RETRY);
                 }
                 // Else it is gone between listing and reading: not ours to judge.

@@ -200,10 +200,9 @@ pub fn c_reference_plugin() -> PathBuf {
             // Built under a temporary name and renamed: a test binary that
             // runs meanwhile never loads a half-written library.
             let tmp = dir.join(format!("build-{}.tmp", std::process::id()));
-            let include = repo_root().join("plugins/sdk/include");
-            let mut flags: Vec<&std::ffi::OsStr> =
-                C_REFERENCE_FLAGS.iter().map(std::ffi::OsStr::new).collect();
-            flags.extend([std::ffi::OsStr::new("-I"), include.as_os_str()]);
+            let include = format!("-I{}", repo_root().join("plugins/sdk/include").display());
+            let mut flags = C_REFERENCE_FLAGS.to_vec();
+            flags.push(&include);
             compile_c(
                 &flags,
                 &tmp,
@@ -218,7 +217,7 @@ pub fn c_reference_plugin() -> PathBuf {
 
 /// Compiles and links C `sources` into `out` with the system C compiler
 /// (`$CC`, else `cc`), panicking with the compiler's messages on failure.
-pub fn compile_c(flags: &[&std::ffi::OsStr], out: &Path, sources: &[PathBuf], what: &str) {
+pub fn compile_c(flags: &[&str], out: &Path, sources: &[PathBuf], what: &str) {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let o = std::process::Command::new(&cc)
         .args(flags)
@@ -237,7 +236,7 @@ pub fn compile_c(flags: &[&std::ffi::OsStr], out: &Path, sources: &[PathBuf], wh
 
 /// The flags the tests build the C plugin with: those of its Makefile, with
 /// warnings as errors.
-pub const C_REFERENCE_FLAGS: &[&str] = &[
+const C_REFERENCE_FLAGS: &[&str] = &[
     "-std=c11",
     "-O2",
     "-Wall",
