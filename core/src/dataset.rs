@@ -1441,7 +1441,9 @@ mod tests {
         assert_eq!(case.id, "s");
         assert_eq!(case.original_label, truth);
         assert_eq!(case.label.shape(), &case.image.dims()[..]);
-        assert_eq!(case.image.dims(), [18, 15, 12]);
+        // MONAI's grid, round((n - 1) * s / t + 1) on the RAS axes: 17.5 -> 18,
+        // 14.5000005 (1.2 mm as the header's f32) -> 15, 11.
+        assert_eq!(case.image.dims(), [18, 15, 11]);
         assert_eq!(case.inverse.model_dims(), case.image.dims());
         assert_eq!(case.inverse.original_dims(), dims);
         // RAS after reorientation.

@@ -5,10 +5,10 @@
 //!
 //! Orientation is a pure permutation/flip of the voxel axes (never an
 //! interpolation), so it is lossless and its inverse is exact. Resampling
-//! happens in voxel space: the affine keeps any obliqueness, only the step
-//! along each voxel axis changes.
+//! builds MONAI's `Spacing` grid (see [`Resampling`]): the affine keeps any
+//! obliqueness, and the step along each axis becomes the target spacing.
 
-use nalgebra::{Matrix3, Matrix4};
+use nalgebra::{Matrix3, Matrix4, Vector3, Vector4};
 use ndarray::{Array3, Array4, ArrayView3, ArrayView4, ArrayViewMut3, Axis, Zip};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -80,10 +80,6 @@ impl Default for PreprocessSpec {
         }
     }
 }
-
-/// Spacings closer than this (relative) are treated as equal: header
-/// round-off (f32 pixdim, sform vs qform) must not trigger an interpolation.
-const SPACING_RTOL: f64 = 1e-6;
 
 /// A permutation and flips of the voxel axes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,36 +202,111 @@ impl Reorientation {
     }
 }
 
-/// Resampling along each voxel axis by `ratio = target / source` spacing:
-/// new voxel `i'` sits at source voxel coordinate `i' * ratio`.
+/// MONAI's `AFFINE_TOL`: an axis whose spacing is within this many mm of the
+/// target keeps its own spacing, and a voxel map this close to the identity
+/// is no resampling at all (`Spacing`, `spatial_resample`). Header round-off
+/// (f32 pixdim, sform vs qform) therefore never triggers an interpolation.
+const AFFINE_TOL: f64 = 1e-3;
+
+/// Resampling to a target spacing on exactly the grid MONAI's
+/// `Spacing(pixdim, diagonal=False)` builds, so a MONAI-trained model sees
+/// the voxels it was trained on:
+///
+/// - the new affine keeps the input's rotation (`zoom_affine`: the
+///   orthogonal factor of a Cholesky split, shear dropped) with the target
+///   spacing as column norms;
+/// - each axis gets `round((n - 1) * s / t + 1)` voxels, rounding half to
+///   even (`compute_shape_offset`, from the extent of the voxel centres);
+/// - the origin stays on the input's first voxel centre when that corner is
+///   the new grid's minimum along every axis (to 1e-8 voxels, MONAI's test);
+///   otherwise the new grid is centred on the old one. Oblique affines read
+///   from NIfTI's f32 sform usually land on the centring branch, as they do
+///   in MONAI;
+/// - values are trilinear in the input's voxel indices, clamped at the
+///   edges (`grid_sample`, `padding_mode="border"`, `align_corners=False`),
+///   and the inverse (`Invertd`) samples the new grid the same way.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Resampling {
-    ratio: [f64; 3],
+    /// New voxel index to source voxel index (MONAI's `xform`).
+    to_src: Matrix4<f64>,
+    /// Source voxel index to new voxel index (what `Invertd` samples with).
+    to_dst: Matrix4<f64>,
+    /// Both maps are diagonal to within `SEPARABLE_TOL` voxels over the
+    /// grid, so one 1D pass per axis computes them.
+    separable: bool,
     src_dims: [usize; 3],
     dst_dims: [usize; 3],
+    /// The new grid's voxel-to-world affine.
+    affine: Matrix4<f64>,
 }
 
+/// The largest shift (in voxels) that ignoring a map's off-diagonal terms
+/// may cause before the separable passes give way to the 3D one. Obliques
+/// read from f32 headers have off-diagonals near 1e-8, far below it.
+const SEPARABLE_TOL: f64 = 1e-4;
+
 impl Resampling {
-    /// `None` when every axis already has the target spacing.
+    /// The resampling of a volume with voxel-to-world `affine` and `dims`
+    /// to `target` mm per voxel; `None` when MONAI would not resample it.
     pub fn new(
-        spacing: [f64; 3],
-        target: [f64; 3],
+        affine: &Matrix4<f64>,
         dims: [usize; 3],
+        target: [f64; 3],
     ) -> Result<Option<Self>, PreprocessError> {
-        let mut ratio = [1.0; 3];
-        let mut dst_dims = dims;
+        if target.iter().any(|t| !(t.is_finite() && *t > 0.0)) {
+            return Err(PreprocessError::Spec(format!(
+                "target spacing {target:?} must be finite and > 0"
+            )));
+        }
+        let degenerate = || {
+            PreprocessError::Input(format!(
+                "the affine is degenerate or not finite: {affine:?}"
+            ))
+        };
+        let spacing = spacing_of(affine);
+        let out_spacing: [f64; 3] = std::array::from_fn(|a| {
+            if (spacing[a] - target[a]).abs() <= AFFINE_TOL {
+                spacing[a]
+            } else {
+                target[a]
+            }
+        });
+        let lin: Matrix3<f64> = affine.fixed_view::<3, 3>(0, 0).into_owned();
+        // zoom_affine: lin = rotation * zs with zs upper triangular (the
+        // transposed Cholesky factor of lin' lin, positive diagonal).
+        let zs = (lin.transpose() * lin)
+            .cholesky()
+            .ok_or_else(degenerate)?
+            .l()
+            .transpose();
+        // inv(zs) by back-substitution, as NumPy's LU-based inverse does: on
+        // an axis-aligned affine the factors are then exact and a grid that
+        // ties (47 * 5 / 2 + 1 = 118.5) rounds as in MONAI.
+        let zs_inv = zs
+            .solve_upper_triangular(&Matrix3::identity())
+            .ok_or_else(degenerate)?;
+        let rotation = lin * zs_inv;
+        let new_lin = rotation * Matrix3::from_diagonal(&Vector3::from(out_spacing));
+        let mut zoomed = Matrix4::identity();
+        zoomed.fixed_view_mut::<3, 3>(0, 0).copy_from(&new_lin);
+
+        // compute_shape_offset: the input's voxel-centre corners in the
+        // zoomed (translation-free) grid's voxel coordinates.
+        let to_zoomed = zoomed.lu().solve(affine).ok_or_else(degenerate)?;
+        let corners: Vec<Vector4<f64>> = (0..8)
+            .map(|i| {
+                // NumPy's meshgrid(indexing="ij") order: the last axis varies fastest.
+                let bit = |a: usize| (i >> (2 - a)) & 1 == 1;
+                let c = |a: usize| if bit(a) { (dims[a] - 1) as f64 } else { 0.0 };
+                Vector4::new(c(0), c(1), c(2), 1.0)
+            })
+            .collect();
+        let out: Vec<Vector4<f64>> = corners.iter().map(|c| to_zoomed * c).collect();
+        let mut dst_dims = [0; 3];
         for a in 0..3 {
-            let (s, t) = (spacing[a], target[a]);
-            if !(t.is_finite() && t > 0.0) {
-                return Err(PreprocessError::Spec(format!(
-                    "target spacing {target:?} must be finite and > 0"
-                )));
-            }
-            if (s - t).abs() <= SPACING_RTOL * s.max(t) {
-                continue;
-            }
-            ratio[a] = t / s;
-            let n = (dims[a] as f64 * s / t).round();
+            let lo = out.iter().map(|p| p[a]).fold(f64::INFINITY, f64::min);
+            let hi = out.iter().map(|p| p[a]).fold(f64::NEG_INFINITY, f64::max);
+            let n = (hi - lo + 1.0).round_ties_even();
             if !n.is_finite() || n >= 1e9 {
                 return Err(PreprocessError::Spec(format!(
                     "resampling {dims:?} voxels of {spacing:?} mm to {target:?} mm \
@@ -244,13 +315,39 @@ impl Resampling {
             }
             dst_dims[a] = (n as usize).max(1);
         }
-        if ratio == [1.0; 3] {
+        let min_corner = out
+            .iter()
+            .position(|p| out.iter().all(|q| (0..3).all(|a| q[a] - p[a] >= -1e-8)));
+        let offset = match min_corner {
+            Some(i) => (affine * corners[i]).xyz(),
+            None => {
+                let half = |d: [usize; 3]| Vector3::from(d.map(|n| n as f64 / 2.0));
+                let t: Vector3<f64> = affine.fixed_view::<3, 1>(0, 3).into_owned();
+                lin * half(dims) + t - new_lin * half(dst_dims)
+            }
+        };
+        let mut new_affine = zoomed;
+        new_affine.fixed_view_mut::<3, 1>(0, 3).copy_from(&offset);
+
+        let to_src = affine.lu().solve(&new_affine).ok_or_else(degenerate)?;
+        let to_dst = new_affine.lu().solve(affine).ok_or_else(degenerate)?;
+        if to_src.iter().chain(to_dst.iter()).any(|v| !v.is_finite()) {
+            return Err(degenerate());
+        }
+        let unchanged = dst_dims == dims
+            && (close(affine, &new_affine) || close(&to_src, &Matrix4::identity()));
+        if unchanged {
             return Ok(None);
         }
+        let separable = off_axis_shift(&to_src, dst_dims) <= SEPARABLE_TOL
+            && off_axis_shift(&to_dst, dims) <= SEPARABLE_TOL;
         Ok(Some(Resampling {
-            ratio,
+            to_src,
+            to_dst,
+            separable,
             src_dims: dims,
             dst_dims,
+            affine: new_affine,
         }))
     }
 
@@ -258,13 +355,9 @@ impl Resampling {
         self.dst_dims
     }
 
-    /// `affine * diag(ratio, 1)`: same origin and directions, new steps.
-    pub fn apply_affine(&self, affine: &Matrix4<f64>) -> Matrix4<f64> {
-        let mut d = Matrix4::identity();
-        for a in 0..3 {
-            d[(a, a)] = self.ratio[a];
-        }
-        affine * d
+    /// The new grid's voxel-to-world affine.
+    pub fn affine(&self) -> &Matrix4<f64> {
+        &self.affine
     }
 
     /// Trilinear (edge-clamped) resampling of a `[C, ...]` image on the
@@ -303,18 +396,20 @@ impl Resampling {
     ) -> Result<Array4<T>, PreprocessError>
     where
         T: Copy + Default + Send + Sync,
-        F: Fn(T, T, f32) -> T + Sync,
+        F: Fn(T, T, f64) -> T + Sync,
     {
-        let (from, to, what, grid) = match dir {
+        let (from, to, map, what, grid) = match dir {
             Direction::Forward => (
                 self.src_dims,
                 self.dst_dims,
+                &self.to_src,
                 "resampling input",
                 "the grid before resampling",
             ),
             Direction::Inverse => (
                 self.dst_dims,
                 self.src_dims,
+                &self.to_dst,
                 "resampling inverse input",
                 "the resampled grid",
             ),
@@ -329,20 +424,34 @@ impl Resampling {
                 got: data.shape().to_vec(),
             });
         }
+        if !self.separable {
+            return Ok(resample_3d(data, map, to, interp, combine));
+        }
         let maps = (0..3)
-            .map(|a| {
-                let step = match dir {
-                    Direction::Forward => self.ratio[a],
-                    Direction::Inverse => 1.0 / self.ratio[a],
-                };
-                match interp {
-                    Interp::Linear => AxisMap::linear(to[a], from[a], step, a),
-                    Interp::Nearest => AxisMap::nearest(to[a], from[a], step, a),
-                }
-            })
+            .map(|a| AxisMap::new(to[a], from[a], map[(a, a)], map[(a, 3)], a, interp))
             .collect::<Vec<_>>();
         Ok(resample(data, &maps, combine))
     }
+}
+
+/// `numpy.allclose(a, b, atol=AFFINE_TOL)` (rtol 1e-5), as MONAI compares.
+fn close(a: &Matrix4<f64>, b: &Matrix4<f64>) -> bool {
+    a.iter()
+        .zip(b.iter())
+        .all(|(x, y)| (x - y).abs() <= AFFINE_TOL + 1e-5 * y.abs())
+}
+
+/// How far (in voxels) the off-diagonal terms of a voxel map move a sample
+/// anywhere on a grid of `dims`.
+fn off_axis_shift(map: &Matrix4<f64>, dims: [usize; 3]) -> f64 {
+    (0..3)
+        .map(|a| {
+            (0..3)
+                .filter(|&b| b != a)
+                .map(|b| map[(a, b)].abs() * (dims[b].max(1) - 1) as f64)
+                .sum::<f64>()
+        })
+        .fold(0.0, f64::max)
 }
 
 #[derive(Clone, Copy)]
@@ -357,13 +466,41 @@ enum Interp {
     Nearest,
 }
 
-fn nearest<T>(a: T, _: T, _: f32) -> T {
+impl Interp {
+    /// The two input indices along an axis of `n` voxels that a sample at
+    /// voxel coordinate `x` reads, and the weight of the second. Coordinates
+    /// outside the grid clamp to its edge (`padding_mode="border"`).
+    fn sample(self, x: f64, n: usize) -> (usize, usize, f64) {
+        let last = (n - 1) as f64;
+        match self {
+            Interp::Linear => {
+                let x = x.clamp(0.0, last);
+                let i0 = (x.floor() as usize).min(n - 1);
+                (i0, (i0 + 1).min(n - 1), x - i0 as f64)
+            }
+            Interp::Nearest => {
+                // Round half up; the nudge keeps an exact half that arrives
+                // as k + 0.4999999 through float round-off on the same side.
+                let i = (x + 0.5 + 1e-9).floor().clamp(0.0, last) as usize;
+                (i, i, 0.0)
+            }
+        }
+    }
+}
+
+fn nearest<T>(a: T, _: T, _: f64) -> T {
     a
 }
 
-fn lerp(a: f32, b: f32, w: f32) -> f32 {
+fn lerp(a: f32, b: f32, w: f64) -> f32 {
     // w == 0 must return `a` bit-exactly (identity axes, integer up-factors).
-    if w == 0.0 { a } else { a * (1.0 - w) + b * w }
+    // f64 inside, as MONAI resamples (`dtype=float64`): one f32 rounding
+    // per pass keeps CT-sized values within 1e-4 of MONAI's.
+    if w == 0.0 {
+        a
+    } else {
+        (f64::from(a) * (1.0 - w) + f64::from(b) * w) as f32
+    }
 }
 
 /// For one axis: output index `o` reads input `i0[o]` and `i1[o]` with
@@ -378,49 +515,64 @@ struct AxisMap {
     shrink: f64,
     i0: Vec<usize>,
     i1: Vec<usize>,
-    w: Vec<f32>,
+    w: Vec<f64>,
 }
 
 impl AxisMap {
-    fn linear(n_out: usize, n_in: usize, step: f64, axis: usize) -> Self {
-        let last = (n_in - 1) as f64;
-        let mut m = AxisMap::empty(n_out, n_in, step, axis);
-        for o in 0..n_out {
-            let x = (o as f64 * step).clamp(0.0, last);
-            let i0 = (x.floor() as usize).min(n_in - 1);
-            let i1 = (i0 + 1).min(n_in - 1);
-            m.i0.push(i0);
-            m.i1.push(i1);
-            m.w.push((x - i0 as f64) as f32);
-        }
-        m
-    }
-
-    fn nearest(n_out: usize, n_in: usize, step: f64, axis: usize) -> Self {
-        let last = (n_in - 1) as f64;
-        let mut m = AxisMap::empty(n_out, n_in, step, axis);
-        for o in 0..n_out {
-            // Round half up; the nudge keeps an exact half that arrives as
-            // k + 0.4999999 through float round-off on the same side.
-            let x = (o as f64 * step + 0.5 + 1e-9).floor().clamp(0.0, last);
-            let i = x as usize;
-            m.i0.push(i);
-            m.i1.push(i);
-            m.w.push(0.0);
-        }
-        m
-    }
-
-    fn empty(n_out: usize, n_in: usize, step: f64, axis: usize) -> Self {
-        AxisMap {
+    /// Output voxel `o` sits at input voxel coordinate `o * step + shift`.
+    fn new(n_out: usize, n_in: usize, step: f64, shift: f64, axis: usize, interp: Interp) -> Self {
+        let mut m = AxisMap {
             axis,
-            identity: n_out == n_in && step == 1.0,
+            identity: n_out == n_in && step == 1.0 && shift == 0.0,
             shrink: n_in as f64 / n_out as f64,
             i0: Vec::with_capacity(n_out),
             i1: Vec::with_capacity(n_out),
             w: Vec::with_capacity(n_out),
+        };
+        for o in 0..n_out {
+            let (i0, i1, w) = interp.sample(o as f64 * step + shift, n_in);
+            m.i0.push(i0);
+            m.i1.push(i1);
+            m.w.push(w);
         }
+        m
     }
+}
+
+/// One 3D pass for voxel maps that mix axes (a sheared input, whose shear
+/// MONAI's new grid drops): output voxel `o` samples the input at
+/// `map * o`, trilinear or nearest.
+fn resample_3d<T, F>(
+    data: ArrayView4<T>,
+    map: &Matrix4<f64>,
+    to: [usize; 3],
+    interp: Interp,
+    combine: F,
+) -> Array4<T>
+where
+    T: Copy + Default + Send + Sync,
+    F: Fn(T, T, f64) -> T + Sync,
+{
+    let sh = data.shape();
+    let from = [sh[1], sh[2], sh[3]];
+    let mut out = Array4::from_elem((sh[0], to[0], to[1], to[2]), T::default());
+    let planes: Vec<(usize, ArrayViewMut3<T>)> = out.axis_iter_mut(Axis(1)).enumerate().collect();
+    planes.into_par_iter().for_each(|(x, mut plane)| {
+        for y in 0..to[1] {
+            for z in 0..to[2] {
+                let p = map * Vector4::new(x as f64, y as f64, z as f64, 1.0);
+                let [(x0, x1, wx), (y0, y1, wy), (z0, z1, wz)] =
+                    std::array::from_fn(|a| interp.sample(p[a], from[a]));
+                for c in 0..sh[0] {
+                    let v = |i, j, k| data[[c, i, j, k]];
+                    let along_z = |i, j| combine(v(i, j, z0), v(i, j, z1), wz);
+                    let along_y = |i| combine(along_z(i, y0), along_z(i, y1), wy);
+                    plane[[c, y, z]] = combine(along_y(x0), along_y(x1), wx);
+                }
+            }
+        }
+    });
+    out
 }
 
 /// Separable resampling: one 1D pass per axis that changes (equal to
@@ -429,7 +581,7 @@ impl AxisMap {
 fn resample<T, F>(data: ArrayView4<T>, maps: &[AxisMap], combine: F) -> Array4<T>
 where
     T: Copy + Default + Send + Sync,
-    F: Fn(T, T, f32) -> T + Sync,
+    F: Fn(T, T, f64) -> T + Sync,
 {
     let mut order: Vec<&AxisMap> = maps.iter().filter(|m| !m.identity).collect();
     order.sort_by(|a, b| b.shrink.total_cmp(&a.shrink));
@@ -452,7 +604,7 @@ where
 fn resample_axis<T, F>(input: ArrayView4<T>, map: &AxisMap, combine: &F) -> Array4<T>
 where
     T: Copy + Default + Send + Sync,
-    F: Fn(T, T, f32) -> T + Sync,
+    F: Fn(T, T, f64) -> T + Sync,
 {
     let axis = map.axis + 1;
     let mut shape = [0; 4];
@@ -658,7 +810,7 @@ pub fn preprocess(
     };
     let affine = reorientation.apply_affine(&vol.affine);
     let resampling = match spec.target_spacing {
-        Some(t) => Resampling::new(spacing_of(&affine), t, reorientation.dst_dims())?,
+        Some(t) => Resampling::new(&affine, reorientation.dst_dims(), t)?,
         None => None,
     };
     let mut data = to_model_grid(
@@ -668,7 +820,7 @@ pub fn preprocess(
         |r, v| r.forward_linear(v),
     )?;
     let affine = match &resampling {
-        Some(r) => r.apply_affine(&affine),
+        Some(r) => *r.affine(),
         None => affine,
     };
 
@@ -847,7 +999,6 @@ fn percentiles(values: &[f32], lo: f64, hi: f64) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nalgebra::Vector4;
 
     fn world(a: &Matrix4<f64>, v: [usize; 3]) -> Vector4<f64> {
         a * Vector4::new(v[0] as f64, v[1] as f64, v[2] as f64, 1.0)
@@ -1038,15 +1189,93 @@ mod tests {
         assert_eq!(seen, [0, 1, 2]);
     }
 
+    fn diag(spacing: [f64; 3]) -> Matrix4<f64> {
+        Matrix4::from_diagonal(&Vector4::new(spacing[0], spacing[1], spacing[2], 1.0))
+    }
+
+    #[test]
+    fn monai_grid_counts_voxel_centres_and_rounds_half_to_even() {
+        // The lung CT of issue 19: 48 slices of 5 mm to 2 mm is 118 slices
+        // (MONAI), not round(48 * 5 / 2) = 120.
+        let r = Resampling::new(&diag([0.7, 0.7, 5.0]), [512, 512, 48], [1.5, 1.5, 2.0])
+            .unwrap()
+            .unwrap();
+        // 511 * 0.7 / 1.5 + 1 = 239.47; 47 * 5 / 2 + 1 = 118.5 -> 118.
+        assert_eq!(r.dst_dims(), [239, 239, 118]);
+        // Axis-aligned: the first voxel centre stays, steps are the target.
+        let err = (r.affine() - diag([1.5, 1.5, 2.0])).abs().max();
+        assert!(err < 1e-12, "{}", r.affine());
+    }
+
+    #[test]
+    fn sheared_input_takes_the_3d_pass_and_samples_world_positions() {
+        // A sheared affine: MONAI's grid drops the shear, so the new voxel
+        // axes cut across the old ones and no 1D pass can follow them.
+        #[rustfmt::skip]
+        let a = Matrix4::new(
+            1.0, 0.3, 0.0, 5.0,
+            0.0, 1.0, 0.2, -3.0,
+            0.0, 0.0, 2.0, 1.0,
+            0.0, 0.0, 0.0, 1.0,
+        );
+        let dims = [12, 10, 8];
+        let r = Resampling::new(&a, dims, [1.5, 1.5, 1.5]).unwrap().unwrap();
+        assert!(!r.separable);
+        // A field linear in world coordinates is reproduced exactly by
+        // trilinear sampling wherever the sample lies inside the input.
+        let field = |w: Vector4<f64>| (w[0] * 3.0 - w[1] * 2.0 + w[2]) as f32;
+        let img = Array4::from_shape_fn((1, dims[0], dims[1], dims[2]), |(_, x, y, z)| {
+            field(a * Vector4::new(x as f64, y as f64, z as f64, 1.0))
+        });
+        let out = r.forward_linear(img.view()).unwrap();
+        let to_input = a.try_inverse().unwrap() * r.affine();
+        let mut inside = 0;
+        for ((_, i, j, k), v) in out.indexed_iter() {
+            let o = Vector4::new(i as f64, j as f64, k as f64, 1.0);
+            let p = to_input * o;
+            if (0..3).all(|d| p[d] >= 0.0 && p[d] <= (dims[d] - 1) as f64) {
+                inside += 1;
+                let want = field(r.affine() * o);
+                assert!((v - want).abs() < 1e-3, "{:?}: {v} vs {want}", (i, j, k));
+            }
+        }
+        assert!(inside > out.len() / 3, "{inside} of {}", out.len());
+        // And back: the inverse samples the new grid at the input's centres.
+        let back = r.inverse_linear(out.view()).unwrap();
+        assert_eq!(back.shape(), img.shape());
+        // Where all 8 new-grid voxels around an input voxel hold exact
+        // (unclamped) samples, the field comes back exactly.
+        let to_new = r.affine().try_inverse().unwrap() * a;
+        let dst = r.dst_dims();
+        let exact = |c: [f64; 3]| {
+            let p = to_input * Vector4::new(c[0], c[1], c[2], 1.0);
+            (0..3).all(|d| p[d] >= 0.0 && p[d] <= (dims[d] - 1) as f64)
+        };
+        let mut inside = 0;
+        for ((_, x, y, z), v) in back.indexed_iter() {
+            let q = to_new * Vector4::new(x as f64, y as f64, z as f64, 1.0);
+            let lo = [0, 1, 2].map(|d| q[d].floor());
+            let cell_ok =
+                (0..8).all(|bits| exact([0, 1, 2].map(|d| lo[d] + f64::from((bits >> d) & 1))));
+            if cell_ok && (0..3).all(|d| q[d] >= 0.0 && q[d] <= (dst[d] - 1) as f64) {
+                inside += 1;
+                let want = img[[0, x, y, z]];
+                assert!((v - want).abs() < 1e-3, "{:?}: {v} vs {want}", (x, y, z));
+            }
+        }
+        assert!(inside > back.len() / 10, "{inside} of {}", back.len());
+    }
+
     #[test]
     fn integer_upsampling_of_labels_inverts_exactly() {
         let dims = [5, 4, 3];
         let labels = Array3::from_shape_fn(dims, |(x, y, z)| ((x * 7 + y * 3 + z) % 5) as u8);
-        // Source spacing 3 x 2 x 1, target 1 x 1 x 0.5: integer factors.
-        let r = Resampling::new([3.0, 2.0, 1.0], [1.0, 1.0, 0.5], dims)
+        // Source spacing 3 x 2 x 1, target 1 x 1 x 0.5: integer factors;
+        // (n - 1) * s / t + 1 voxels.
+        let r = Resampling::new(&diag([3.0, 2.0, 1.0]), dims, [1.0, 1.0, 0.5])
             .unwrap()
             .unwrap();
-        assert_eq!(r.dst_dims(), [15, 8, 6]);
+        assert_eq!(r.dst_dims(), [13, 7, 5]);
         let up = r
             .forward_nearest(labels.view().insert_axis(Axis(0)))
             .unwrap();
@@ -1067,10 +1296,11 @@ mod tests {
     fn downsampling_then_inverse_restores_the_sampled_voxels() {
         let dims = [8, 6, 4];
         let labels = Array3::from_shape_fn(dims, |(x, y, z)| ((x + 2 * y + 3 * z) % 7) as u8);
-        let r = Resampling::new([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], dims)
+        let r = Resampling::new(&diag([1.0, 1.0, 1.0]), dims, [2.0, 2.0, 2.0])
             .unwrap()
             .unwrap();
-        assert_eq!(r.dst_dims(), [4, 3, 2]);
+        // 8 -> 4.5 -> 4, 6 -> 3.5 -> 4, 4 -> 2.5 -> 2: half to even.
+        assert_eq!(r.dst_dims(), [4, 4, 2]);
         let down = r
             .forward_nearest(labels.view().insert_axis(Axis(0)))
             .unwrap();
@@ -1092,7 +1322,7 @@ mod tests {
         let img = Array4::from_shape_fn((1, 20, 16, 12), |(_, x, y, z)| {
             (x as f32 * 0.3).sin() + (y as f32 * 0.2).cos() + z as f32 * 0.1
         });
-        let r = Resampling::new([1.0, 1.2, 2.0], [0.7, 0.5, 1.1], dims)
+        let r = Resampling::new(&diag([1.0, 1.2, 2.0]), dims, [0.7, 0.5, 1.1])
             .unwrap()
             .unwrap();
         let up = r.forward_linear(img.view()).unwrap();
@@ -1115,14 +1345,14 @@ mod tests {
             normalization: Normalization::None,
         };
         let (out, inv) = preprocess(&vol, &spec).unwrap();
-        // n' = max(1, round(n * s / t)).
-        assert_eq!(out.dims(), [15, 10, 11]);
+        // n' = round((n - 1) * s / t + 1), half to even: 14.5 -> 14.
+        assert_eq!(out.dims(), [14, 10, 10]);
         assert_eq!(out.spacing, [1.0, 1.5, 2.0]);
         assert_eq!(out.affine[(0, 0)], -1.0);
         // First voxel centre preserved; y untouched (matching spacing).
         assert_eq!(out.affine.column(3), a.column(3));
         assert_eq!(inv.original_dims(), [10, 10, 7]);
-        assert_eq!(inv.model_dims(), [15, 10, 11]);
+        assert_eq!(inv.model_dims(), [14, 10, 10]);
         // The data is linear in the index, which trilinear reproduces:
         // x' = 2 sits at x = 2 / 1.5, z' = 4 at z = 4 * 2 / 3.
         let expect = (2.0 / 1.5) * 10_000.0 + 300.0 + 4.0 * 2.0 / 3.0;
@@ -1131,10 +1361,22 @@ mod tests {
 
     #[test]
     fn matching_spacing_skips_resampling() {
+        let a = diag([1.0, 2.0, 3.0]);
         assert!(
-            Resampling::new([1.0, 2.0, 3.0], [1.0, 2.0 * (1.0 + 1e-8), 3.0], [4, 4, 4])
+            Resampling::new(&a, [4, 4, 4], [1.0, 2.0 * (1.0 + 1e-8), 3.0])
                 .unwrap()
                 .is_none()
+        );
+        // MONAI's tolerance: within 1e-3 mm of the target keeps the spacing.
+        assert!(
+            Resampling::new(&a, [4, 4, 4], [1.0009, 2.0, 2.9991])
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            Resampling::new(&a, [4, 4, 4], [1.0011, 2.0, 3.0])
+                .unwrap()
+                .is_some()
         );
     }
 
