@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use infl8_core::preprocess::Resampling;
+use nalgebra::Matrix4;
 use ndarray::Array;
 
 const DIMS: [usize; 3] = [91, 109, 91];
@@ -16,7 +17,8 @@ const SPACING: [f64; 3] = [2.0; 3];
 const TARGET: [f64; 3] = [1.5; 3];
 
 fn resampling(c: &mut Criterion) {
-    let r = Resampling::new(SPACING, TARGET, DIMS)
+    let affine = Matrix4::new_nonuniform_scaling(&SPACING.into());
+    let r = Resampling::new(&affine, DIMS, TARGET)
         .expect("valid spacings")
         .expect("2 mm to 1.5 mm resamples");
     let [dx, dy, dz] = r.dst_dims();

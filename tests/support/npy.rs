@@ -1,6 +1,7 @@
-//! A minimal reader for NumPy `.npy` files holding little-endian f32 in C
-//! order (what the golden fixtures are). Anything else is refused with an
-//! error rather than misread: a fixture written another way must fail loudly.
+//! A minimal reader for NumPy `.npy` files holding little-endian f32 or
+//! f64 in C order (what the golden fixtures are). Anything else is refused
+//! with an error rather than misread: a fixture written another way must
+//! fail loudly.
 
 use std::path::Path;
 
@@ -11,13 +12,35 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 
 /// Reads a `.npy` file of little-endian f32 in C order.
 pub fn read_f32(path: impl AsRef<Path>) -> Result<ArrayD<f32>> {
-    let path = path.as_ref();
+    read(path.as_ref(), parse_f32)
+}
+
+/// Reads a `.npy` file of little-endian f64 in C order (affines).
+pub fn read_f64(path: impl AsRef<Path>) -> Result<ArrayD<f64>> {
+    read(path.as_ref(), parse_f64)
+}
+
+fn read<T>(path: &Path, parse: fn(&[u8]) -> Result<ArrayD<T>>) -> Result<ArrayD<T>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    parse_f32(&bytes).with_context(|| format!("{} is not a usable .npy file", path.display()))
+    parse(&bytes).with_context(|| format!("{} is not a usable .npy file", path.display()))
 }
 
 /// Parses the bytes of a `.npy` file of little-endian f32 in C order.
 pub fn parse_f32(bytes: &[u8]) -> Result<ArrayD<f32>> {
+    parse(bytes, "<f4", f32::from_le_bytes)
+}
+
+/// Parses the bytes of a `.npy` file of little-endian f64 in C order.
+pub fn parse_f64(bytes: &[u8]) -> Result<ArrayD<f64>> {
+    parse(bytes, "<f8", f64::from_le_bytes)
+}
+
+/// Parses a `.npy` file whose elements are `N`-byte `dtype` values.
+fn parse<T, const N: usize>(
+    bytes: &[u8],
+    dtype: &str,
+    decode: fn([u8; N]) -> T,
+) -> Result<ArrayD<T>> {
     ensure!(bytes.starts_with(MAGIC), "missing the \\x93NUMPY magic");
     let version = bytes.get(6..8).context("truncated before the version")?;
     // Version 1 has a 2-byte header length, versions 2 and 3 a 4-byte one.
@@ -39,8 +62,8 @@ pub fn parse_f32(bytes: &[u8]) -> Result<ArrayD<f32>> {
 
     let descr = field(header, "descr")?;
     ensure!(
-        descr == "'<f4'" || descr == "\"<f4\"",
-        "dtype {descr} is not little-endian float32 ('<f4')"
+        descr == format!("'{dtype}'") || descr == format!("\"{dtype}\""),
+        "dtype {descr} is not '{dtype}'"
     );
     let fortran = field(header, "fortran_order")?;
     ensure!(
@@ -55,15 +78,12 @@ pub fn parse_f32(bytes: &[u8]) -> Result<ArrayD<f32>> {
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .context("shape overflows")?;
     ensure!(
-        data.len() == count * 4,
-        "shape {shape:?} needs {} bytes of data, the file has {}",
-        count * 4,
+        Some(data.len()) == count.checked_mul(N),
+        "shape {shape:?} needs {count} x {N} bytes of data, the file has {}",
         data.len()
     );
-    let values = data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let (chunks, _) = data.as_chunks::<N>();
+    let values = chunks.iter().copied().map(decode).collect();
     Ok(ArrayD::from_shape_vec(IxDyn(&shape), values)?)
 }
 
@@ -131,6 +151,29 @@ mod tests {
             &floats(&[7.0]),
         );
         assert_eq!(parse_f32(&one).unwrap().shape(), &[1]);
+    }
+
+    #[test]
+    fn reads_c_order_f64() {
+        let data: Vec<u8> = [1.5f64, -2.25, 1e-300]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let bytes = npy(
+            "{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }\n",
+            &data,
+        );
+        assert_eq!(
+            parse_f64(&bytes).unwrap().as_slice().unwrap(),
+            &[1.5, -2.25, 1e-300]
+        );
+        // The same bytes are not f32, and f32 data is not f64.
+        assert!(parse_f32(&bytes).is_err());
+        let f = npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }\n",
+            &floats(&[1.0, 2.0]),
+        );
+        assert!(parse_f64(&f).is_err());
     }
 
     #[test]
