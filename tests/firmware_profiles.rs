@@ -18,16 +18,67 @@ fn profiles() -> Vec<PathBuf> {
     files
 }
 
+/// The value of `key` in `[table]` (`None`: the top level) of a settings
+/// file, as written: enough TOML for the profiles' one-line values.
+fn value(text: &str, table: Option<&str>, key: &str) -> Option<String> {
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = Some(name.trim().to_owned());
+        } else if let Some((k, v)) = line.split_once('=')
+            && k.trim() == key
+            && current.as_deref() == table
+        {
+            return Some(v.trim().to_owned());
+        }
+    }
+    None
+}
+
+/// The summary `infl8 config check` must print for the profile `text`:
+/// the file's own values (every shipped profile states them).
+fn expected_summary(file: &Path, text: &str) -> String {
+    let get = |table, key| {
+        value(text, table, key)
+            .unwrap_or_else(|| panic!("{}: no {key} (profiles state it)", file.display()))
+    };
+    let backends: Vec<String> = get(None, "backends")
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|b| b.trim().trim_matches('"').to_owned())
+        .filter(|b| !b.is_empty())
+        .collect();
+    let threads = match get(None, "threads").as_str() {
+        "0" => "0 (one per core)".to_owned(),
+        n => n.to_owned(),
+    };
+    let budget = match get(Some("limits"), "memory_budget_mb").as_str() {
+        "0" => "none".to_owned(),
+        mb => format!("{mb} MiB"),
+    };
+    format!(
+        "ok {}: backends {}, precision {}, threads {threads}, window batch {}, memory budget {budget}",
+        file.display(),
+        backends.join(" -> "),
+        get(None, "precision").trim_matches('"'),
+        get(None, "window_batch"),
+    )
+}
+
 #[test]
 fn every_shipped_profile_passes() {
     let files = profiles();
     assert!(files.len() >= 5, "profiles: {files:?}");
     for f in &files {
         let out = ok(&infl8(&["config", "check", s(f)]));
-        let line = format!("ok {}: backends ", f.display());
-        assert!(out.starts_with(&line), "{}: {out}", f.display());
-        for part in ["precision ", "threads ", "window batch ", "memory budget "] {
-            assert!(out.contains(part), "{}: {out}", f.display());
+        // The report states what the file says, not just that it parsed.
+        let text = std::fs::read_to_string(f).unwrap();
+        let first = out.lines().next().unwrap_or_default();
+        assert_eq!(first, expected_summary(f, &text), "{}", f.display());
+        // Anything after the summary is a note.
+        for line in out.lines().skip(1) {
+            assert!(line.starts_with("  note: "), "{}: {line}", f.display());
         }
     }
     // All at once: one line each.
@@ -136,11 +187,24 @@ fn one_bad_file_fails_the_run_and_the_others_are_still_checked() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stdout}{stderr}");
-    assert!(
-        stdout.contains(&format!("ok {}", good.display())),
-        "{stdout}"
+    // The good file's report is the one it gets alone, and the only one.
+    let alone = ok(&infl8(&["config", "check", s(&good)]));
+    assert_eq!(stdout, alone, "{stderr}");
+    let text = std::fs::read_to_string(&good).unwrap();
+    assert_eq!(
+        stdout.lines().next(),
+        Some(expected_summary(&good, &text).as_str())
     );
-    assert!(stderr.contains("watch.poll: unknown key"), "{stderr}");
-    assert!(stderr.contains(s(&missing)), "{stderr}");
-    assert!(stderr.contains("2 of 3"), "{stderr}");
+    // One error per bad file, each naming its file, then the count.
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 2, "{stderr}");
+    assert!(
+        errors[0].contains(s(&bad)) && errors[0].contains("watch.poll: unknown key"),
+        "{stderr}"
+    );
+    assert!(errors[1].contains(s(&missing)), "{stderr}");
+    assert!(stderr.contains("2 of 3 settings files failed"), "{stderr}");
 }

@@ -359,7 +359,16 @@ fn a_fallback_chain_logs_each_fallback_and_runs_on_the_first_that_loads() {
             && err.contains("CUDAExecutionProvider"),
         "{err}"
     );
-    assert_eq!(std::fs::read(&out).ok(), std::fs::read(&reference).ok());
+    // Both files must exist (two missing files are not "equal"), the chain's
+    // bytes must be tract's, and the mask must be a real one.
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert!(
+        read(&out) == read(&reference),
+        "the chain's output is not tract's"
+    );
+    let mask = nifti_io::read_volume(&out, &ReadLimits::default()).unwrap();
+    let head = mask.data.iter().filter(|v| **v == 1.0).count();
+    assert!(head > 0 && head < mask.data.len(), "{head} head voxels");
 
     // Nothing in the chain can run: every reason, no output.
     let out = dir.path().join("none.nii.gz");

@@ -35,6 +35,8 @@ pub enum ExportError {
     Tract(String),
     #[error("{0}")]
     Onnx(#[from] infl8_onnx::OnnxError),
+    #[error("{0}")]
+    Manifest(#[from] infl8_core::manifest::ManifestError),
 }
 
 /// Largest difference allowed between tract and burn.
@@ -499,6 +501,15 @@ pub fn verify(model: &SegModel, onnx: &ModelProto, seed: u64) -> Result<f32, Exp
 /// Builds, verifies and writes the ONNX file. Nothing is written when the
 /// check fails.
 pub fn export(model: &SegModel, manifest: &Manifest, path: &Path) -> Result<f32, ExportError> {
+    // The runtime refuses a model whose manifest does not fit its I/O: such
+    // a file must never be written.
+    let cfg = &model.config;
+    infl8_core::manifest::check_model_fits(
+        manifest,
+        path,
+        &crate::train::runtime_model::info("image", cfg.input_item_shape()),
+        &crate::train::runtime_model::info("logits", cfg.output_item_shape()),
+    )?;
     let onnx = to_onnx(model, manifest)?;
     let diff = verify(model, &onnx, 17)?;
     // NaN fails too.

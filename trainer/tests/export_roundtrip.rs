@@ -143,11 +143,23 @@ fn a_graph_that_does_not_match_fails_the_export() {
         t.raw_data = vals.iter_mut().flat_map(|v| v.to_le_bytes()).collect();
     }
     assert!(verify(&m, &onnx, 1).unwrap() > 0.4);
-    // And a wrong label count is refused before anything is written.
+    // And a wrong label count is refused: by manifest_for, and by the
+    // export itself, which then writes nothing.
     let mut bad = spec();
     bad.labels.pop();
     assert!(manifest_for(&m, &bad).unwrap_err().contains("3 classes"));
-    assert!(!dir.path().join("m.onnx").exists());
+    let path = dir.path().join("m.onnx");
+    let mut wrong = man.clone();
+    wrong.labels.pop();
+    let err = export(&m, &wrong, &path).unwrap_err().to_string();
+    assert!(
+        err.contains("2 labels") && err.contains("3 channels") && err.contains("m.onnx"),
+        "{err}"
+    );
+    assert!(!path.exists(), "a refused export left {}", path.display());
+    // The same call with the fitting manifest writes the model.
+    assert!(export(&m, &man, &path).unwrap() <= VERIFY_LIMIT);
+    assert_eq!(manifest::find(&path).unwrap().unwrap().0, man);
 }
 
 #[test]

@@ -5,9 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use infl8_core::nifti_io::{self, ReadLimits};
+use infl8_core::segment::Segmenter;
 use infl8_trainer::import::save_vit2d;
 use infl8_trainer::train::config::TrainConfig;
 use infl8_trainer::train::finetune;
+use infl8_trainer::train::runtime_model::BurnModel;
 use infl8_trainer::vit::{Vit2d, VitConfig};
 
 fn mni(file: &str) -> PathBuf {
@@ -117,10 +119,54 @@ fn a_short_finetune_lowers_the_loss_and_writes_its_artefacts() {
     assert!(last < 0.85 * first, "loss {first:.4} -> {last:.4}");
     assert_eq!(s.train_cases.len(), 1);
     assert_eq!(s.validation_cases.len(), 1);
-    assert!(s.best_dice.is_finite() && s.best_dice > 0.0, "{s:?}");
     for f in ["best.safetensors", "last.safetensors", "validation.json"] {
         assert!(dir.path().join("run").join(f).is_file(), "{f}");
     }
+    // The best Dice is the best of the validations the run logged...
+    let log: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("run/validation.json")).unwrap(),
+    )
+    .unwrap();
+    let logged: Vec<f64> = log[1]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["mean_dice"].as_f64().unwrap())
+        .collect();
+    assert_eq!(logged.len(), 2, "{log}");
+    assert_eq!(s.best_dice, logged.iter().copied().fold(f64::MIN, f64::max));
+    // ...is what the saved best checkpoint scores on the validation case
+    // when it segments it again here...
+    let id = &s.validation_cases[0];
+    let image = dir.path().join(format!("data/{id}_image.nii.gz"));
+    let limits = ReadLimits::default();
+    let truth: Vec<bool> =
+        nifti_io::read_volume(&dir.path().join(format!("data/{id}_label.nii.gz")), &limits)
+            .unwrap()
+            .data
+            .iter()
+            .map(|v| *v > 0.5)
+            .collect();
+    let pred = segment_with_best(&dir.path().join("run/best.safetensors"), &image);
+    assert_eq!(pred.len(), truth.len());
+    let both = pred.iter().zip(&truth).filter(|(p, t)| **p && **t).count();
+    let (np, nt) = (
+        pred.iter().filter(|p| **p).count(),
+        truth.iter().filter(|t| **t).count(),
+    );
+    let dice = 2.0 * both as f64 / (np + nt) as f64;
+    assert!(
+        (dice - s.best_dice).abs() < 1e-9,
+        "re-measured {dice}, reported {}",
+        s.best_dice
+    );
+    // ...and beats calling every voxel brain.
+    let everything = 2.0 * nt as f64 / (nt + truth.len()) as f64;
+    assert!(
+        s.best_dice > everything,
+        "Dice {} vs {everything} for all-brain",
+        s.best_dice
+    );
     // The checkpoint records how to run the model, so export needs no flags.
     let m = infl8_trainer::checkpoint::read_manifest(&dir.path().join("run/best.safetensors"))
         .unwrap()
@@ -131,6 +177,26 @@ fn a_short_finetune_lowers_the_loss_and_writes_its_artefacts() {
         m.preprocess.normalization,
         infl8_core::preprocess::Normalization::Percentile { .. }
     ));
+}
+
+/// The label map (foreground or not) that the
+/// checkpoint at `ckpt` gives `image` through the runtime's segmenter.
+fn segment_with_best(ckpt: &Path, image: &Path) -> Vec<bool> {
+    let device = burn::tensor::Device::default();
+    let manifest = infl8_trainer::checkpoint::read_manifest(ckpt)
+        .unwrap()
+        .unwrap();
+    let model = infl8_trainer::checkpoint::load(ckpt, &device).unwrap();
+    let segmenter = Segmenter {
+        model: Box::new(BurnModel::new(model, device)),
+        window_batch: 4,
+        postprocess: manifest.postprocess,
+        manifest,
+    };
+    let vol = nifti_io::read_volume(image, &ReadLimits::default()).unwrap();
+    let seg = segmenter.segment(&vol, image, false, &|_, _| {}).unwrap();
+    // [X, Y, Z] in logical order, as the label volume's data iterates.
+    seg.labels.iter().map(|v| *v > 0).collect()
 }
 
 fn outputs(path: &Path) -> Vec<f32> {

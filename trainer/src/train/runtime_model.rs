@@ -18,7 +18,8 @@ pub struct BurnModel {
     output: TensorInfo,
 }
 
-fn info(name: &str, item: Vec<usize>) -> TensorInfo {
+/// The I/O of a model taking items of shape `item` in batches of any size.
+pub(crate) fn info(name: &str, item: Vec<usize>) -> TensorInfo {
     let mut shape = vec![Dim::Symbolic("N".into())];
     shape.extend(item.into_iter().map(Dim::Fixed));
     TensorInfo {
