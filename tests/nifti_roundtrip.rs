@@ -895,6 +895,6 @@ fn failed_writes_leave_nothing_behind() {
     // A directory that does not exist: an I/O error naming the path.
     let nowhere = d.path().join("no/such/dir/seg.nii");
     let err = write_labels(&nowhere, good.view(), &reference).unwrap_err();
-    assert!(matches!(err, NiftiIoError::Io { .. }), "{err}");
+    assert!(matches!(err, NiftiIoError::Write(_)), "{err}");
     assert!(err.to_string().contains("seg.nii"), "{err}");
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use infl8_core::config::{self, Settings};
+use infl8_core::fsio;
 use infl8_core::inference::{BlendMode, SlidingWindow};
 use infl8_core::manifest::{self, InferenceMode, Manifest};
 use infl8_core::plugin::PluginHost;
@@ -166,6 +167,26 @@ fn jobs(a: &SegmentArgs) -> Result<Vec<Job>> {
     Ok(jobs)
 }
 
+/// Every file the run will write can be written, checked before the work:
+/// a symbolic link is removed first when `--replace-symlinks` asks, else
+/// refused (as is a folder or a name too long), a device is written through.
+fn check_targets(a: &SegmentArgs, jobs: &[Job]) -> Result<()> {
+    let outputs = jobs
+        .iter()
+        .flat_map(|j| [Some(&j.output), j.logits.as_ref(), j.preview.as_ref()])
+        .chain([a.report.as_ref()])
+        .flatten();
+    for p in outputs {
+        let is_link = std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
+        if is_link && a.replace_symlinks {
+            std::fs::remove_file(p)
+                .with_context(|| format!("cannot remove the symbolic link {}", p.display()))?;
+        }
+        fsio::check_target(p)?;
+    }
+    Ok(())
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,
@@ -176,6 +197,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
     let settings = settings_for(&a.runtime, &a.layer())?;
     let jobs = jobs(&a)?;
+    check_targets(&a, &jobs)?;
     for j in &jobs {
         if same_file(&j.input, &j.output) {
             bail!("output {} would overwrite the input", j.output.display());
@@ -284,7 +306,7 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
     }
     if let Some(path) = &a.report {
         let json = serde_json::to_string_pretty(&reports)?;
-        write_atomic(path, json.as_bytes())?;
+        fsio::write_atomic(path, json.as_bytes())?;
     }
     if let Some(msg) = single_preview_error {
         bail!(msg);
@@ -344,33 +366,6 @@ pub(crate) fn prepare(settings: &Settings, model_path: &Path) -> Result<Prepared
         backend: backend.name().to_string(),
         deadline,
     })
-}
-
-/// Writes `bytes` to a temporary name next to `path`, fsyncs it, renames it
-/// over `path` and fsyncs the folder, so a reader (or a restart after a
-/// crash) sees the old file or the whole new one.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{}.part",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let r = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r.with_context(|| format!("cannot write {}", path.display()))
 }
 
 pub fn info(a: InfoArgs) -> Result<ExitCode> {

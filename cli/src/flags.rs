@@ -58,6 +58,10 @@ pub struct SegmentArgs {
     /// (one <name>.png per input).
     #[arg(long, value_name = "OUT.png|DIR")]
     pub preview: Option<PathBuf>,
+    /// Replace a symbolic link at an output path with the new file (the
+    /// link's target is left alone). Without it such a link is refused.
+    #[arg(long)]
+    pub replace_symlinks: bool,
 }
 
 /// Label-map clean-up flags (`segment` and `watch`).

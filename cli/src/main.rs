@@ -3,7 +3,6 @@
 mod commands;
 mod config_check;
 mod flags;
-mod journal;
 mod limits;
 mod plugin_check;
 mod watch;

@@ -167,7 +167,9 @@ pub struct Limits {
     pub max_voxels: u64,
     /// Largest input accepted, in bytes: the file on disk and the voxel data
     /// its header declares (uncompressed), both checked before any voxel is
-    /// read. 0 = no limit beyond `max_voxels`.
+    /// read (and, in `infl8 watch`, before the file is hashed: a sparse
+    /// file can claim terabytes). Default 4 GiB; 0 = no limit beyond
+    /// `max_voxels`.
     pub max_input_bytes: u64,
     /// What to do with NaN/Inf voxels: `reject` (default) or `zero`.
     pub nonfinite: NonFinite,
@@ -179,12 +181,16 @@ pub struct Limits {
     pub memory_budget_mb: u64,
 }
 
+/// Above any real scan (a 512^3 float64 volume is 1 GiB), far below what
+/// a hostile or sparse file can declare.
+pub const DEFAULT_MAX_INPUT_BYTES: u64 = 4 << 30;
+
 impl Default for Limits {
     fn default() -> Self {
         let r = ReadLimits::default();
         Limits {
             max_voxels: r.max_voxels,
-            max_input_bytes: 0,
+            max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
             nonfinite: r.allow_nonfinite,
             timeout_s: 0.0,
             memory_budget_mb: 0,

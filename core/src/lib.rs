@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cli_args;
 pub mod config;
 pub mod dataset;
+pub mod fsio;
 /// Entry points of the `cargo fuzz` targets (`fuzz/`), not a stable API.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

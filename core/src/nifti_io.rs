@@ -14,10 +14,9 @@
 //! error never leaves a partial segmentation where a consumer might pick it
 //! up.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use flate2::Compression;
 use flate2::bufread::GzDecoder;
@@ -28,6 +27,7 @@ use nifti::{Endianness, NiftiHeader, XForm};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::fsio::{self, WriteError};
 use crate::volume::{Volume, spacing_of};
 
 /// Size of a NIfTI-1 header on disk.
@@ -104,6 +104,22 @@ pub enum NiftiIoError {
     Alloc { path: PathBuf, bytes: u128 },
     #[error("{}: cannot write: {detail}", .path.display())]
     InvalidWrite { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+impl NiftiIoError {
+    /// Writing failed for a reason of the place written to (a full or
+    /// read-only disk, see [`WriteError::is_transient`]), not of the data.
+    pub fn is_transient_write(&self) -> bool {
+        match self {
+            NiftiIoError::Write(w) => w.is_transient(),
+            NiftiIoError::Io { action, source, .. } => {
+                matches!(*action, "write" | "fsync") && fsio::is_transient_io(source)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// What to do with NaN / infinite voxel values (after scaling).
@@ -1293,93 +1309,41 @@ where
     Ok(())
 }
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Removes the temporary file unless the write was committed, so errors
-/// and panics alike leave no partial output behind.
-struct TempGuard {
-    path: PathBuf,
-    committed: bool,
-}
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
 fn is_gz_path(path: &Path) -> bool {
     path.extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gz"))
 }
 
-/// Write header + body to a temporary file next to `path`, fsync it and
-/// rename it over `path` (atomic on POSIX filesystems).
+/// Write header + body to `path` through [`fsio::write_with`] (atomic over
+/// a regular file or nothing).
 fn write_atomic<F>(path: &Path, header: &NiftiHeader, body: F) -> Result<(), NiftiIoError>
 where
     F: FnOnce(&mut dyn Write) -> Result<(), NiftiIoError>,
 {
-    let name = path.file_name().ok_or_else(|| NiftiIoError::InvalidWrite {
-        path: path.to_path_buf(),
-        detail: "the path has no file name".into(),
-    })?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.{}-{}.infl8-tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(io_err(path, "create a temporary file next to"))?;
-    let mut guard = TempGuard {
-        path: tmp,
-        committed: false,
-    };
-    let header_bytes = encode_header(header);
-    let buffered = BufWriter::with_capacity(1 << 20, file);
-    let file = if is_gz_path(path) {
-        let mut enc = GzEncoder::new(buffered, Compression::fast());
-        enc.write_all(&header_bytes)
-            .map_err(io_err(path, "write"))?;
-        body(&mut enc)?;
-        let buffered = enc.finish().map_err(io_err(path, "write"))?;
-        buffered
-            .into_inner()
-            .map_err(|e| io_err(path, "write")(e.into_error()))?
-    } else {
-        let mut buffered = buffered;
-        buffered
-            .write_all(&header_bytes)
-            .map_err(io_err(path, "write"))?;
-        body(&mut buffered)?;
-        buffered
-            .into_inner()
-            .map_err(|e| io_err(path, "write")(e.into_error()))?
-    };
-    file.sync_all().map_err(io_err(path, "fsync"))?;
-    drop(file);
-    fs::rename(&guard.path, path).map_err(io_err(path, "rename the temporary file to"))?;
-    guard.committed = true;
-    // Persist the rename itself; failure here does not undo a complete file.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    fsio::write_with(path, |file| {
+        let header_bytes = encode_header(header);
+        let mut buffered = BufWriter::with_capacity(1 << 20, file);
+        if is_gz_path(path) {
+            let mut enc = GzEncoder::new(buffered, Compression::fast());
+            enc.write_all(&header_bytes)
+                .map_err(io_err(path, "write"))?;
+            body(&mut enc)?;
+            buffered = enc.finish().map_err(io_err(path, "write"))?;
+        } else {
+            buffered
+                .write_all(&header_bytes)
+                .map_err(io_err(path, "write"))?;
+            body(&mut buffered)?;
+        }
+        buffered.flush().map_err(io_err(path, "write"))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use ndarray::{Array3, Array4};
+    use std::fs;
 
     fn identity_volume(dims: [usize; 3], channels: usize) -> Volume {
         let data = Array4::from_shape_fn((channels, dims[0], dims[1], dims[2]), |(c, x, y, z)| {

@@ -15,10 +15,7 @@
 //! hold the same world content in different storage orders give
 //! byte-identical previews.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use nalgebra::Matrix4;
 use ndarray::{ArrayView2, ArrayView3, Axis, s};
@@ -74,12 +71,8 @@ pub enum PreviewError {
         #[source]
         source: png::EncodingError,
     },
-    #[error("cannot write the preview {}: {source}", .path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Write(#[from] crate::fsio::WriteError),
 }
 
 /// How a preview is drawn.
@@ -162,10 +155,7 @@ impl RgbImage {
             path: path.to_path_buf(),
             source,
         })?;
-        write_atomic(path, &bytes).map_err(|source| PreviewError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        Ok(crate::fsio::write_atomic(path, &bytes)?)
     }
 }
 
@@ -528,45 +518,11 @@ fn mosaic(rows: &[Vec<RgbImage>]) -> RgbImage {
     out
 }
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Temporary file next to `path`, fsync, rename over `path`.
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.{}-{}.infl8-tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-    let written = (|| {
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written?;
-    // Persist the rename itself; failure here does not undo a complete file.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use ndarray::{Array3, Array4};
+    use std::fs::{self, File};
 
     /// A RAS volume whose content differs along every axis and direction,
     /// so any flip or swap of the display would show.
@@ -813,10 +769,10 @@ mod tests {
 
         let missing = dir.path().join("no-such-folder").join("p.png");
         let err = write_preview_png(&missing, &vol, labels.view(), &opts(1.0)).unwrap_err();
-        assert!(matches!(err, PreviewError::Io { .. }), "{err}");
+        assert!(matches!(err, PreviewError::Write(_)), "{err}");
         assert!(err.to_string().contains("no-such-folder/p.png"), "{err}");
 
-        // Renaming onto a folder fails late: the temporary file must go.
+        // A folder is refused before anything is written.
         let folder = dir.path().join("taken.png");
         fs::create_dir(&folder).unwrap();
         let err = write_preview_png(&folder, &vol, labels.view(), &opts(1.0)).unwrap_err();

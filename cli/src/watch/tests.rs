@@ -2,6 +2,14 @@
 //! restart, must end with exactly one complete result per input.
 
 use super::*;
+use crate::watch::worker::error_kind;
+use crate::watch::{now_rfc3339, sha256_file};
+use sha2::{Digest, Sha256};
+
+/// The checksum of a file, as the service computes it.
+fn sha_of(p: &Path) -> String {
+    sha256_file(p, &|| false).unwrap().unwrap()
+}
 
 /// Writes a fake segmentation and report (as the real worker does: output,
 /// then report, each atomically); inputs named `bad*` fail.
@@ -14,6 +22,8 @@ struct FakeRunner {
     time_out: bool,
     /// A SIGTERM while this run is in progress: set once it is done.
     stop_after_run: Option<Arc<AtomicBool>>,
+    /// Runs that find the outbox full before the outbox is fixed.
+    full_disk: u32,
 }
 
 impl Runner for FakeRunner {
@@ -25,12 +35,18 @@ impl Runner for FakeRunner {
                 reason: format!("{}: corrupt gzip stream", job.input.display()),
             };
         }
+        if self.full_disk > 0 {
+            self.full_disk -= 1;
+            return RunResult::Transient(format!(
+                "{}: cannot write: No space left on device (os error 28)",
+                job.output.display()
+            ));
+        }
         if self.time_out {
             for p in [&job.output, &job.report] {
                 let dir = p.parent().unwrap();
                 let name = p.file_name().unwrap().to_string_lossy();
                 fs::write(dir.join(format!(".{name}.999-0.infl8-tmp")), b"half").unwrap();
-                fs::write(dir.join(format!(".{name}.999.part")), b"half").unwrap();
             }
             return RunResult::Failed {
                 kind: "timeout",
@@ -43,9 +59,9 @@ impl Runner for FakeRunner {
             fs::write(dir.join(format!(".{name}.999-0.infl8-tmp")), b"half").unwrap();
             return RunResult::Service("simulated crash mid-write".into());
         }
-        write_atomic(&job.output, job.sha256.as_bytes()).unwrap();
+        fsio::write_atomic(&job.output, job.sha256.as_bytes()).unwrap();
         let report = json!({"input": job.name, "input_sha256": job.sha256, "attempt": job.attempt});
-        write_atomic(&job.report, report.to_string().as_bytes()).unwrap();
+        fsio::write_atomic(&job.report, report.to_string().as_bytes()).unwrap();
         if let Some(stop) = &self.stop_after_run {
             stop.store(true, Ordering::SeqCst);
         }
@@ -94,6 +110,8 @@ fn service_with(
         model_sha256: "00".into(),
         runner,
         stop: Arc::new(AtomicBool::new(false)),
+        retry_failed: false,
+        max_input_bytes: 0,
     })
     .unwrap()
 }
@@ -272,7 +290,7 @@ fn inputs_left_in_place_are_not_processed_again_but_new_content_is() {
     fs::write(d.inbox.join("a.nii.gz"), b"replaced").unwrap();
     drain(&mut s).unwrap();
     assert_eq!(s.o.runner.runs, 1);
-    let sha = sha256_file(&d.inbox.join("a.nii.gz")).unwrap();
+    let sha = sha_of(&d.inbox.join("a.nii.gz"));
     let slot = format!("a-{}", &sha[..12]);
     assert!(d.outbox.join(format!("{slot}_seg.nii.gz")).is_file());
     assert!(d.outbox.join("a_seg.nii.gz").is_file());
@@ -311,6 +329,8 @@ fn a_second_service_on_one_outbox_is_refused() {
         model_sha256: "00".into(),
         runner: FakeRunner::default(),
         stop: Arc::new(AtomicBool::new(false)),
+        retry_failed: false,
+        max_input_bytes: 0,
     })
     .err()
     .unwrap()
@@ -391,11 +411,11 @@ fn an_unreadable_file_neither_spins_nor_holds_up_the_others() {
     fs::write(d.inbox.join("fine.nii.gz"), b"fine").unwrap();
     let mut s = service(&d, true, FakeRunner::default());
     // Root reads any file, so unreadability is faked at the checksum.
-    s.hash = |p| {
+    s.hash = |p, r, stop| {
         if p.ends_with("locked.nii.gz") {
             bail!("{}: permission denied", p.display())
         }
-        sha256_file(p)
+        sha256_of(p, r, stop)
     };
     drain_bounded(&mut s, 10);
     assert_eq!(s.o.runner.runs, 1);
@@ -403,7 +423,7 @@ fn an_unreadable_file_neither_spins_nor_holds_up_the_others() {
     assert_eq!(names(&d.inbox), ["locked.nii.gz"], "left for a later try");
     // Changed, it is tried again at once.
     fs::write(d.inbox.join("locked.nii.gz"), b"now readable").unwrap();
-    s.hash = sha256_file;
+    s.hash = sha256_of;
     drain_bounded(&mut s, 10);
     assert_eq!(s.o.runner.runs, 2);
     assert!(names(&d.inbox).is_empty());
@@ -469,12 +489,11 @@ fn a_new_file_that_looks_like_a_finished_one_is_still_processed() {
     assert_eq!(s.o.runner.runs, 1, "the new bytes are segmented");
     let recs = records(&d);
     assert_eq!(count(&recs, |r| matches!(r, Record::Done { .. })), 2);
-    let sha = sha256_file(
+    let sha = sha_of(
         &d.outbox
             .join("done")
             .join(format!("a-{}.nii.gz", &sha256_hex(b"BBBB")[..12])),
-    )
-    .unwrap();
+    );
     assert_eq!(
         sha,
         sha256_hex(b"BBBB"),
@@ -558,4 +577,228 @@ fn the_example_systemd_unit_runs_a_command_line_infl8_watch_accepts() {
     }
     assert!(directives >= 10, "{block}");
     assert!(block.contains(&format!("ExecStart={exec}\n")));
+}
+
+#[test]
+fn the_longest_legal_names_are_processed_and_filed_under_names_that_fit() {
+    let d = dirs();
+    // 255 bytes in all, the longest a file system allows.
+    let good = format!("{}.nii.gz", "N".repeat(248));
+    let bad = format!("bad{}.nii", "B".repeat(248));
+    assert_eq!((good.len(), bad.len()), (255, 255));
+    fs::write(d.inbox.join(&good), b"good bytes").unwrap();
+    fs::write(d.inbox.join(&bad), b"poison").unwrap();
+    let mut s = service(&d, true, FakeRunner::default());
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.state.counts(), (1, 1));
+    assert!(names(&d.inbox).is_empty());
+    for dir in [
+        d.outbox.clone(),
+        d.outbox.join("done"),
+        d.outbox.join("failed"),
+    ] {
+        for n in names(&dir) {
+            assert!(n.len() <= fsio::NAME_MAX, "{n}");
+        }
+    }
+    assert_eq!(names(&d.outbox.join("done")).len(), 1);
+    assert_eq!(
+        names(&d.outbox.join("failed")).len(),
+        2,
+        "the input and its report"
+    );
+}
+
+#[test]
+fn a_journal_entry_that_cannot_be_finished_does_not_stop_every_start() {
+    let d = dirs();
+    // As a service before slots were bounded left it: taken, with a slot
+    // whose error report name cannot exist, and the input gone.
+    let name = format!("{}.nii.gz", "L".repeat(240));
+    let mut s = service(&d, true, FakeRunner::default());
+    let taken = Record::Taken {
+        name: name.clone(),
+        sha256: "ab".repeat(32),
+        size: 1,
+        mtime_ns: 1,
+        attempt: 1,
+        slot: "L".repeat(240),
+        at: now_rfc3339(),
+    };
+    s.journal.append(&taken).unwrap();
+    drop(s);
+    let mut s = service(&d, true, FakeRunner::default());
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.state.counts(), (0, 1));
+    drop(s);
+    let mut s = service(&d, true, FakeRunner::default());
+    drain_bounded(&mut s, 10);
+    let failed = names(&d.outbox.join("failed"));
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].len() <= fsio::NAME_MAX);
+}
+
+#[test]
+fn a_full_outbox_defers_the_input_in_place_and_never_fails_it() {
+    let d = dirs();
+    fs::write(d.inbox.join("scan.nii.gz"), b"good").unwrap();
+    // More full-disk runs than watch.max_attempts (3).
+    let mut s = service(
+        &d,
+        true,
+        FakeRunner {
+            full_disk: 5,
+            ..FakeRunner::default()
+        },
+    );
+    for _ in 0..5 {
+        drain_bounded(&mut s, 10);
+        assert_eq!(names(&d.inbox), ["scan.nii.gz"], "kept in place");
+        assert!(names(&d.outbox.join("failed")).is_empty(), "never poisoned");
+        // The backoff holds it until then; a restart (a new service) or
+        // the pause passing tries it again.
+        for seen in s.seen.values_mut() {
+            seen.retry_at = None;
+        }
+    }
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 6);
+    assert_eq!(names(&d.outbox.join("done")), ["scan.nii.gz"]);
+    let recs = records(&d);
+    assert_eq!(count(&recs, |r| matches!(r, Record::Deferred { .. })), 5);
+    assert_eq!(count(&recs, |r| matches!(r, Record::Done { .. })), 1);
+}
+
+#[test]
+fn the_backoff_grows_to_a_minute() {
+    assert_eq!(backoff(0), Duration::from_secs(1));
+    assert_eq!(backoff(3), Duration::from_secs(8));
+    assert_eq!(backoff(40), Duration::from_secs(60));
+}
+
+#[test]
+fn a_failed_input_dropped_again_is_filed_with_a_warning_or_retried_when_asked() {
+    let d = dirs();
+    fs::write(d.inbox.join("bad.nii.gz"), b"poison").unwrap();
+    let mut s = service(&d, true, FakeRunner::default());
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 1);
+    // Dropped again: filed without a run.
+    fs::copy(
+        d.outbox.join("failed/bad.nii.gz"),
+        d.inbox.join("bad.nii.gz"),
+    )
+    .unwrap();
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 1);
+    assert!(names(&d.inbox).is_empty());
+    drop(s);
+    // With --retry-failed it is run again (once per start).
+    fs::copy(
+        d.outbox.join("failed/bad.nii.gz"),
+        d.inbox.join("bad.nii.gz"),
+    )
+    .unwrap();
+    let mut s = service(&d, true, FakeRunner::default());
+    s.o.retry_failed = true;
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 1, "tried again");
+    assert!(names(&d.inbox).is_empty());
+    let recs = records(&d);
+    assert_eq!(count(&recs, |r| matches!(r, Record::Failed { .. })), 2);
+}
+
+#[test]
+fn a_file_over_max_input_bytes_is_refused_without_being_read() {
+    let d = dirs();
+    let f = fs::File::create(d.inbox.join("h.nii")).unwrap();
+    // Sparse: 2 TB that take no room.
+    f.set_len(2 << 40).unwrap();
+    drop(f);
+    let mut s = service(&d, true, FakeRunner::default());
+    s.o.max_input_bytes = 1 << 30;
+    s.hash = |p, _, _| panic!("{} was read", p.display());
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 0);
+    let e: Value = serde_json::from_str(
+        &fs::read_to_string(d.outbox.join("failed/h.nii.error.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(e["kind"], "limit", "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_input_bytes"),
+        "{e}"
+    );
+}
+
+#[test]
+fn hashing_stops_when_asked() {
+    use std::io::Read;
+    let stop_now = || true;
+    let mut zeros = std::io::repeat(0).take(1 << 40);
+    let t = Instant::now();
+    assert!(
+        sha256_of(Path::new("z"), &mut zeros, &stop_now)
+            .unwrap()
+            .is_none()
+    );
+    assert!(t.elapsed() < Duration::from_secs(1));
+}
+
+#[test]
+fn a_file_another_service_has_claimed_is_left_to_it() {
+    let d = dirs();
+    fs::write(d.inbox.join("a.nii.gz"), b"shared").unwrap();
+    // Another service's claim, as claim() takes it.
+    let other = match super::super::claim::claim(&d.inbox.join("a.nii.gz")).unwrap() {
+        super::super::claim::Claimed::Ours(f) => f,
+        _ => panic!("no claim"),
+    };
+    let mut s = service(&d, true, FakeRunner::default());
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 0, "busy: not processed");
+    assert!(records(&d).is_empty(), "nor journaled");
+    drop(other);
+    for seen in s.seen.values_mut() {
+        seen.retry_at = None;
+    }
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 1);
+}
+
+#[test]
+fn only_errors_of_the_place_written_to_are_transient() {
+    use infl8_core::nifti_io::NiftiIoError;
+    use infl8_core::segment::SegmentError;
+    let os = |code| std::io::Error::from_raw_os_error(code);
+    let write = |code| fsio::WriteError::Io {
+        path: "out/x_seg.nii.gz".into(),
+        action: "write",
+        error: os(code),
+    };
+    for code in [libc::ENOSPC, libc::EROFS, libc::EACCES, libc::EDQUOT] {
+        let e = anyhow::Error::new(write(code)).context("writing the results");
+        assert!(super::super::is_transient(&e), "{code}");
+        let seg = SegmentError::Nifti(NiftiIoError::Write(write(code)));
+        assert!(
+            super::super::is_transient(&anyhow::Error::new(seg)),
+            "{code}"
+        );
+    }
+    // Reading the input is never the outbox's fault, whatever the errno.
+    let read = SegmentError::Nifti(NiftiIoError::Io {
+        path: "in/x.nii".into(),
+        action: "read",
+        source: os(libc::EACCES),
+    });
+    assert!(!super::super::is_transient(&anyhow::Error::new(read)));
+    assert!(!super::super::is_transient(&anyhow::Error::new(write(
+        libc::EINVAL
+    ))));
+    assert!(!super::super::is_transient(&anyhow::anyhow!(
+        "corrupt gzip stream"
+    )));
 }

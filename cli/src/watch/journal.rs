@@ -71,7 +71,17 @@ pub(crate) enum Record {
         latency_s: f64,
         at: String,
     },
-    /// The input is poison; its error report exists.
+    /// The results could not be written for a passing reason (a full or
+    /// read-only outbox): the input stays, and this attempt does not count
+    /// towards `watch.max_attempts`.
+    Deferred {
+        name: String,
+        sha256: String,
+        reason: String,
+        at: String,
+    },
+    /// The input is poison; its error report exists (unless
+    /// `error_report` is empty: it could not be written).
     Failed {
         name: String,
         sha256: String,
@@ -85,6 +95,7 @@ impl Record {
     fn key(&self) -> Key {
         let (Record::Taken { name, sha256, .. }
         | Record::Done { name, sha256, .. }
+        | Record::Deferred { name, sha256, .. }
         | Record::Failed { name, sha256, .. }) = self;
         Key {
             name: name.clone(),
@@ -113,6 +124,8 @@ pub(crate) struct Item {
     pub mtime_ns: u64,
     /// `taken` records so far.
     pub attempts: u32,
+    /// `deferred` records so far: attempts that were not the input's fault.
+    pub deferred: u32,
     pub slot: String,
     pub outcome: Option<Outcome>,
 }
@@ -151,6 +164,9 @@ impl State {
                         item.attempts = item.attempts.max(*attempt);
                         item.size = *size;
                         item.mtime_ns = *mtime_ns;
+                        // Taken again after an outcome: a failed input tried
+                        // again (--retry-failed).
+                        item.outcome = None;
                     }
                     None => {
                         self.order.push(key.clone());
@@ -161,6 +177,7 @@ impl State {
                                 size: *size,
                                 mtime_ns: *mtime_ns,
                                 attempts: *attempt,
+                                deferred: 0,
                                 slot: slot.clone(),
                                 outcome: None,
                             },
@@ -176,6 +193,11 @@ impl State {
                         output: output.clone(),
                         latency_s: *latency_s,
                     });
+                }
+            }
+            Record::Deferred { .. } => {
+                if let Some(item) = self.items.get_mut(&key) {
+                    item.deferred += 1;
                 }
             }
             Record::Failed { reason, .. } => {
@@ -331,10 +353,17 @@ impl Journal {
             source: std::io::Error::other(e),
         })?;
         line.push('\n');
-        self.file
+        let len = self.file.metadata().map_err(io(&self.path))?.len();
+        let r = self
+            .file
             .write_all(line.as_bytes())
-            .and_then(|()| self.file.sync_data())
-            .map_err(io(&self.path))
+            .and_then(|()| self.file.sync_data());
+        if r.is_err() {
+            // A full disk can take part of the line: cut it, or the next
+            // record would follow a torn line and make the journal corrupt.
+            let _ = self.file.set_len(len);
+        }
+        r.map_err(io(&self.path))
     }
 }
 
