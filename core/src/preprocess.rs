@@ -258,6 +258,10 @@ impl Resampling {
         self.dst_dims
     }
 
+    pub fn src_dims(&self) -> [usize; 3] {
+        self.src_dims
+    }
+
     /// `affine * diag(ratio, 1)`: same origin and directions, new steps.
     pub fn apply_affine(&self, affine: &Matrix4<f64>) -> Matrix4<f64> {
         let mut d = Matrix4::identity();
@@ -641,13 +645,12 @@ fn check_spec(spec: &PreprocessSpec) -> Result<(), PreprocessError> {
     Ok(())
 }
 
-/// Reorient, resample and normalise `vol` as `spec` asks. Returns the model
-/// input (standard layout, no header: it describes a new grid) and the
-/// [`Inverse`] that maps results back onto `vol`'s grid.
-pub fn preprocess(
+/// The reorientation and resampling [`preprocess`] applies to `vol`: pure
+/// geometry, nothing allocated, so sizes can be checked before they are.
+pub fn geometry(
     vol: &Volume,
     spec: &PreprocessSpec,
-) -> Result<(Volume, Inverse), PreprocessError> {
+) -> Result<(Reorientation, Option<Resampling>), PreprocessError> {
     check_spec(spec)?;
     check_volume(vol)?;
     let dims = vol.dims();
@@ -661,6 +664,19 @@ pub fn preprocess(
         Some(t) => Resampling::new(spacing_of(&affine), t, reorientation.dst_dims())?,
         None => None,
     };
+    Ok((reorientation, resampling))
+}
+
+/// Reorient, resample and normalise `vol` as `spec` asks. Returns the model
+/// input (standard layout, no header: it describes a new grid) and the
+/// [`Inverse`] that maps results back onto `vol`'s grid.
+pub fn preprocess(
+    vol: &Volume,
+    spec: &PreprocessSpec,
+) -> Result<(Volume, Inverse), PreprocessError> {
+    let (reorientation, resampling) = geometry(vol, spec)?;
+    let dims = vol.dims();
+    let affine = reorientation.apply_affine(&vol.affine);
     let mut data = to_model_grid(
         vol.data.view(),
         &reorientation,
