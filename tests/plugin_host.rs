@@ -537,3 +537,206 @@ fn broken_libraries_do_not_stop_discovery() {
         "{found:?}"
     );
 }
+
+/// A C library in `dir` named `libinfl8_<stem>.so` whose constructor creates
+/// the file `marker` (so a test sees whether it was ever opened), exporting
+/// the entry symbol (which fails) when `with_entry`.
+fn spy_library(dir: &Path, stem: &str, marker: &Path, with_entry: bool) -> PathBuf {
+    let src = dir.join(format!("{stem}.c"));
+    let mut code = String::from(
+        "#include <stdio.h>\n\
+         __attribute__((constructor)) static void opened(void) {\n\
+             FILE *f = fopen(MARKER, \"w\"); if (f) fclose(f);\n\
+         }\n",
+    );
+    if with_entry {
+        code.push_str(
+            "__attribute__((visibility(\"default\"))) int infl8_plugin_entry(\n\
+                 unsigned v, const void *api, const void **table) {\n\
+                 (void)v; (void)api; *table = 0; return 1;\n\
+             }\n",
+        );
+    } else {
+        code.push_str("int not_a_plugin(void) { return 1; }\n");
+    }
+    std::fs::write(&src, code).unwrap();
+    let lib = dir.join(format!(
+        "{}infl8_{stem}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    let define = format!("-DMARKER=\"{}\"", marker.display());
+    infl8_suite::compile_c(&["-shared", "-fPIC", &define], &lib, &[src], stem);
+    lib
+}
+
+fn open_reason(e: PluginError) -> String {
+    match e {
+        PluginError::Open { message, .. } => message,
+        other => panic!("expected an Open error, got {other:?}"),
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn plugin_files_are_checked_before_they_are_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = PluginHost::new(vec![]);
+    let file = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let empty = file("libinfl8_empty.so", b"");
+    assert_eq!(
+        open_reason(host.load_library(&empty).unwrap_err()),
+        "the file is empty"
+    );
+    let text = file("libinfl8_text.so", b"#!/bin/sh\nexit 0\n");
+    let why = open_reason(host.load_library(&text).unwrap_err());
+    assert!(why.starts_with("not an ELF shared library"), "{why}");
+
+    // The tract plugin, marked as built for another machine.
+    let mut tract = std::fs::read(tract_library()).unwrap();
+    let mips: u16 = 8;
+    tract[18..20].copy_from_slice(&mips.to_le_bytes());
+    let foreign = file("libinfl8_foreign.so", &tract);
+    let why = open_reason(host.load_library(&foreign).unwrap_err());
+    assert!(why.contains("built for mips"), "{why}");
+
+    // Cut short past its headers: only the loader can tell, and its own
+    // reason (dlerror) comes through instead of "dlopen failed".
+    let tract = std::fs::read(tract_library()).unwrap();
+    let cut = file("libinfl8_cut.so", &tract[..64 << 10]);
+    let why = open_reason(host.load_library(&cut).unwrap_err());
+    assert!(!why.contains("dlopen failed") && !why.is_empty(), "{why}");
+
+    // A real shared library without the entry: refused from its symbol
+    // table, and never opened (its constructor did not run).
+    let marker = dir.path().join("opened");
+    let plain = spy_library(dir.path(), "plain", &marker, false);
+    let e = host.load_library(&plain).unwrap_err();
+    assert!(matches!(e, PluginError::NoEntry { .. }), "{e:?}");
+    assert!(e.to_string().contains("not opened"), "{e}");
+    assert!(!marker.exists(), "the library was opened");
+
+    host.load_library(tract_library()).unwrap();
+    check_tract(&host, 1);
+}
+
+#[cfg(unix)]
+#[test]
+fn writable_plugins_are_refused_unless_allowed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let lib = plugins.join(tract_library().file_name().unwrap());
+    std::fs::copy(tract_library(), &lib).unwrap();
+    let chmod = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+
+    chmod(&plugins, 0o777);
+    let e = PluginHost::new(vec![])
+        .load_library(&lib)
+        .unwrap_err();
+    assert!(matches!(e, PluginError::InsecurePermissions { .. }), "{e:?}");
+    let text = e.to_string();
+    for needle in ["the directory", "0777", "world-writable", "plugins.allow_insecure_permissions"] {
+        assert!(text.contains(needle), "{needle:?} missing from: {text}");
+    }
+
+    chmod(&plugins, 0o755);
+    chmod(&lib, 0o664);
+    let e = PluginHost::new(vec![]).load_library(&lib).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("the file") && text.contains("0664") && text.contains("group-writable"),
+        "{text}"
+    );
+
+    // Discovery reports the refusal and goes on.
+    let mut host = PluginHost::new(vec![plugins.clone()]);
+    let found = host.discover_for(&["tract".to_string()]);
+    assert!(
+        found.iter().any(|(p, r)| *p == lib
+            && matches!(r, Err(PluginError::InsecurePermissions { .. }))),
+        "{found:?}"
+    );
+
+    // Allowed: it loads.
+    let mut host = PluginHost::new(vec![]).allow_insecure_permissions(true);
+    host.load_library(&lib).unwrap();
+    check_tract(&host, 1);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn only_the_libraries_of_the_requested_backends_are_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let marker = dir.path().join("spy-opened");
+    spy_library(&plugins, "spy", &marker, true);
+    std::fs::copy(
+        tract_library(),
+        plugins.join(tract_library().file_name().unwrap()),
+    )
+    .unwrap();
+
+    let mut host = PluginHost::new(vec![plugins.clone()]);
+    let found = host.discover_for(&["tract".to_string()]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].1.is_ok(), "{found:?}");
+    assert!(!marker.exists(), "the spy library was opened for `tract`");
+    check_tract(&host, 1);
+
+    // `ort-cpu` is looked for as libinfl8_ort_cpu.so, then libinfl8_ort.so.
+    let names = PluginHost::library_names_for("ort-cpu");
+    assert_eq!(names, ["libinfl8_ort_cpu.so", "libinfl8_ort.so"]);
+
+    // A backend no library is named after: every library is opened, and
+    // the spy's constructor runs (which is what the selective load avoids).
+    let found = host.discover_for(&["nobody".to_string()]);
+    assert!(marker.exists(), "{found:?}");
+    assert!(
+        found.iter().any(|(p, r)| p.ends_with("libinfl8_spy.so")
+            && matches!(r, Err(PluginError::EntryFailed { .. }))),
+        "{found:?}"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn infl8_segment_opens_only_the_backend_it_runs_on() {
+    use infl8_suite::{example_model, infl8, ok, s, t1_2mm};
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let marker = dir.path().join("spy-opened");
+    spy_library(&plugins, "spy", &marker, true);
+    let model = example_model(dir.path(), 48);
+    let out = dir.path().join("out.nii.gz");
+    ok(&infl8(&[
+        "segment",
+        "--model",
+        s(&model),
+        "--input",
+        s(&t1_2mm()),
+        "--output",
+        s(&out),
+        "--backend",
+        "tract",
+        "--plugin-dir",
+        s(&plugins),
+    ]));
+    let labels = infl8_core::nifti_io::read_volume(&out, &Default::default()).unwrap();
+    assert!(labels.data.iter().any(|&v| v == 1.0));
+    assert!(!marker.exists(), "segment --backend tract opened the spy library");
+    // `infl8 plugins` lists everything, so it opens everything.
+    let r = infl8(&["plugins", "--plugin-dir", s(&plugins)]);
+    assert!(marker.exists());
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(text.contains("refused:") && text.contains("libinfl8_spy.so"), "{text}");
+}

@@ -205,9 +205,29 @@ fn folder_mode_segments_every_volume() {
         "--output",
         s(&outbox),
     ]));
-    assert!(outbox.join("a.nii.gz").is_file());
-    assert!(outbox.join("b.nii.gz").is_file());
     assert_eq!(std::fs::read_dir(&outbox).unwrap().count(), 2);
+    // Each output is the input's own segmentation: what a single-file run
+    // gives, on the input's grid.
+    let single = dir.path().join("single.nii.gz");
+    ok(&infl8(&[
+        "segment",
+        "--model",
+        s(&model),
+        "--input",
+        s(&t1_2mm()),
+        "--output",
+        s(&single),
+    ]));
+    let limits = ReadLimits::default();
+    let want = nifti_io::read_volume(&single, &limits).unwrap();
+    let head = want.data.iter().filter(|&&l| l == 1.0).count() as f64 / want.data.len() as f64;
+    assert!((0.3..0.8).contains(&head), "head fraction {head}");
+    for name in ["a.nii.gz", "b.nii.gz"] {
+        let got = nifti_io::read_volume(&outbox.join(name), &limits).unwrap();
+        assert_eq!(got.dims(), want.dims(), "{name}");
+        assert_eq!(got.affine, want.affine, "{name}");
+        assert_eq!(got.data, want.data, "{name}");
+    }
 }
 
 #[test]
@@ -257,7 +277,14 @@ fn bad_inputs_fail_cleanly_without_output() {
         "1000",
     ]);
     assert!(!r.status.success());
-    assert!(String::from_utf8_lossy(&r.stderr).contains("1000"));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("more than the limit of 1000 (limits.max_voxels)")
+            && err.contains("tpl-MNI152NLin6Asym_res-02_T1w.nii.gz")
+            && err.contains("[91, 109, 91]"),
+        "{err}"
+    );
+    assert!(!out.exists());
 
     // A backend nobody provides.
     let r = infl8(&[
@@ -313,11 +340,32 @@ fn info_and_plugins_commands() {
         "{text}"
     );
     assert!(text.contains("loaded on tract"), "{text}");
+    // The manifest printed is the one in the model file, whole.
+    let start = text.find("manifest (ONNX metadata):\n").expect("manifest line") + 26;
+    let end = start + text[start..].find("\n}").expect("end of the manifest") + 2;
+    let printed: infl8_core::manifest::Manifest = serde_json::from_str(&text[start..end])
+        .unwrap_or_else(|e| panic!("{e}: {}", &text[start..end]));
+    let (stored, _) = infl8_core::manifest::find(&model).unwrap().unwrap();
+    assert_eq!(printed, stored);
+    match &stored.inference {
+        infl8_core::manifest::InferenceMode::SlidingWindow(sw) => assert_eq!(sw.roi, [48; 3]),
+        other => panic!("{other:?}"),
+    }
 
     let r = infl8(&["plugins"]);
     ok(&r);
     let text = String::from_utf8_lossy(&r.stdout);
-    assert!(text.contains("tract"), "{text}");
+    // The tract row names a library that exists and is the one built here.
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("tract "))
+        .unwrap_or_else(|| panic!("no tract row in:\n{text}"));
+    let library = std::path::PathBuf::from(row.split_whitespace().last().unwrap());
+    assert!(library.is_file(), "{row}");
+    assert_eq!(
+        library.canonicalize().unwrap(),
+        infl8_suite::plugin_lib("infl8_tract").canonicalize().unwrap()
+    );
 }
 
 #[test]

@@ -24,11 +24,19 @@ pub(crate) fn settings_for(runtime: &RuntimeArgs, layer: &serde_json::Value) -> 
     Ok(config::load(runtime.config.as_deref(), None, layer)?)
 }
 
+/// A plugin host with the settings' directories and permission rule.
+fn new_host(settings: &Settings) -> PluginHost {
+    PluginHost::new(settings.plugin_dirs.clone())
+        .allow_insecure_permissions(settings.plugins.allow_insecure_permissions)
+}
+
+/// A host with the libraries the settings' backend chain needs loaded (and
+/// only those, when they are named after their backends).
 fn open_host(settings: &Settings) -> PluginHost {
-    let mut host = PluginHost::new(settings.plugin_dirs.clone());
-    for (path, result) in host.discover() {
+    let mut host = new_host(settings);
+    for (path, result) in host.discover_for(&settings.backend_chain()) {
         if let Err(e) = result {
-            warn!(library = %path.display(), "plugin not loaded: {e}");
+            warn!(library = %log_path(&path), "plugin not loaded: {}", log_safe(&e.to_string()));
         }
     }
     host
@@ -194,8 +202,41 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// `s` with control characters (a newline in a file name) escaped, so a
+/// name cannot start a line of its own in a log.
+pub(crate) fn log_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// [`log_safe`] of a path as displayed.
+pub(crate) fn log_path(p: &Path) -> String {
+    log_safe(&p.display().to_string()).into_owned()
+}
+
 pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
     let settings = settings_for(&a.runtime, &a.layer())?;
+    // Before any output exists: a report that cannot be written must not be
+    // found out only after every volume was segmented.
+    if let Some(r) = &a.report
+        && r.is_dir()
+    {
+        bail!(
+            "report {} is a folder: give a file name (one JSON file lists every volume)",
+            r.display()
+        );
+    }
     let jobs = jobs(&a)?;
     check_targets(&a, &jobs)?;
     for j in &jobs {
@@ -237,7 +278,7 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
             "[{}/{}] {}",
             i + 1,
             n,
-            job.input.file_name().unwrap_or_default().to_string_lossy()
+            log_safe(&job.input.file_name().unwrap_or_default().to_string_lossy())
         ));
         let progress = |done: u64, total: u64| {
             bar.set_length(total);
@@ -262,8 +303,8 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
         match result {
             Ok(r) => {
                 info!(
-                    input = %r.input.display(),
-                    output = %r.output.display(),
+                    input = %log_path(&r.input),
+                    output = %log_path(&r.output),
                     dims = ?r.dims,
                     windows = r.windows,
                     read_s = format!("{:.2}", r.read_s),
@@ -273,7 +314,7 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
                     "segmented"
                 );
                 match (preview_result, &job.preview) {
-                    (Some(Ok(())), Some(p)) => info!(preview = %p.display(), "preview written"),
+                    (Some(Ok(())), Some(p)) => info!(preview = %log_path(p), "preview written"),
                     (Some(Err(e)), _) => {
                         preview_failures += 1;
                         let msg = format!(
@@ -283,7 +324,7 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
                         if n == 1 {
                             single_preview_error = Some(msg);
                         } else {
-                            error!("{msg}");
+                            error!("{}", log_safe(&msg));
                         }
                     }
                     _ => {}
@@ -300,7 +341,15 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
                 if n == 1 {
                     return Err(e);
                 }
-                error!("{e:#}");
+                let reason = format!("{e:#}");
+                error!("{}", log_safe(&reason));
+                // Folder mode: the report lists the failures with the rest.
+                reports.push(SegmentReport {
+                    input: job.input.clone(),
+                    output: job.output.clone(),
+                    error: Some(reason),
+                    ..SegmentReport::default()
+                });
             }
         }
     }
@@ -536,7 +585,7 @@ fn window_shape(
 
 pub fn plugins(a: PluginsArgs) -> Result<ExitCode> {
     let settings = settings_for(&a.runtime, &serde_json::Value::Object(a.runtime.layer()))?;
-    let mut host = PluginHost::new(settings.plugin_dirs.clone());
+    let mut host = new_host(&settings);
     let found = host.discover();
     let backends = host.backends();
     println!(

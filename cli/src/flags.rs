@@ -25,6 +25,10 @@ pub struct RuntimeArgs {
     /// Extra directory to search for plugins (repeatable).
     #[arg(long = "plugin-dir", value_name = "DIR")]
     pub plugin_dirs: Vec<PathBuf>,
+    /// Open plugin libraries that others could have written (group- or
+    /// world-writable, or in such a directory); refused by default.
+    #[arg(long)]
+    pub allow_insecure_plugins: bool,
 }
 
 #[derive(Args, Debug)]
@@ -143,6 +147,13 @@ impl RuntimeArgs {
         }
         if !self.plugin_dirs.is_empty() {
             put(&mut m, "plugin_dirs", json!(self.plugin_dirs));
+        }
+        if self.allow_insecure_plugins {
+            put(
+                &mut m,
+                "plugins",
+                json!({"allow_insecure_permissions": true}),
+            );
         }
         m
     }

@@ -20,7 +20,9 @@ pub(crate) fn window_bytes(manifest: &Manifest, model: &dyn Model) -> Option<u64
             if sw.roi.contains(&0) {
                 return None;
             }
-            sw.roi.iter().map(|&r| r as u64).product()
+            // Saturating: a declared window of 1e7 voxels a side must read
+            // as "too large", not wrap round to a small number.
+            sw.roi.iter().fold(1u64, |a, &r| a.saturating_mul(r as u64))
         }
         InferenceMode::Slab(s) => {
             // The in-plane size: roi_xy, else the model's fixed trailing dims.
@@ -30,12 +32,16 @@ pub(crate) fn window_bytes(manifest: &Manifest, model: &dyn Model) -> Option<u64
                 Some([x, y]) if x > 0 && y > 0 => [x, y],
                 _ => [fixed(2)?, fixed(1)?],
             };
-            let plane = (xy[0] * xy[1]) as u64;
-            // Input: C x depth slices; output: K classes of the middle one.
-            return Some(4 * plane * (c * s.depth as u64 + k));
+            let plane = (xy[0] as u64).saturating_mul(xy[1] as u64);
+            // Input: C x depth slices; output: K classes of the middle one;
+            // plus one importance map of the plane.
+            let per = (c.saturating_mul(s.depth as u64) + k + 1).saturating_mul(plane);
+            return Some(per.saturating_mul(4));
         }
     };
-    Some(4 * spatial * (c + k))
+    // Input and output tensors, plus the window's share of the importance
+    // map (one map for all windows, so this overstates it for a batch).
+    Some(spatial.saturating_mul(c + k + 1).saturating_mul(4))
 }
 
 /// The window batch to run with: `settings.window_batch`, capped so one
@@ -63,8 +69,8 @@ pub(crate) fn window_batch(
     let fits = budget / per_window.max(1);
     if fits == 0 {
         bail!(
-            "limits.memory_budget_mb = {} MiB cannot hold one window: its input and output \
-             tensors need {:.1} MiB",
+            "limits.memory_budget_mb = {} MiB cannot hold one window (model.roi, or the \
+             model's declared input size): its tensors need {:.1} MiB",
             limits.memory_budget_mb,
             mib(per_window)
         );
@@ -217,10 +223,10 @@ mod tests {
         let m = crate::commands::example_manifest([64, 64, 64]);
         let model = fake(Dim::Symbolic("N".into()));
         let per = window_bytes(&m, &model).unwrap();
-        assert_eq!(per, 4 * 64 * 64 * 64 * 3);
+        assert_eq!(per, 4 * 64 * 64 * 64 * 4);
         assert_eq!(window_batch(8, &limits(0), &m, &model).unwrap(), 8);
-        // 3 MiB per window: 10 MiB hold 3.
-        assert_eq!(window_batch(8, &limits(10), &m, &model).unwrap(), 3);
+        // 4 MiB per window: 10 MiB hold 2.
+        assert_eq!(window_batch(8, &limits(10), &m, &model).unwrap(), 2);
         assert_eq!(window_batch(2, &limits(10), &m, &model).unwrap(), 2);
         let e = window_batch(8, &limits(2), &m, &model)
             .unwrap_err()
@@ -234,6 +240,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("fixed at 4"), "{e}");
+        // Issue 21: a manifest roi of 100000 (or a model declaring
+        // [1, 1, 1e5, 1e5, 1e5]) under the default budget is refused at
+        // once, and a window too large for u64 does not wrap round.
+        for roi in [100_000, usize::MAX / 2] {
+            let huge = crate::commands::example_manifest([roi; 3]);
+            let e = window_batch(4, &Limits::default(), &huge, &model)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("model.roi") && e.contains("one window"), "{e}");
+        }
     }
 
     #[test]

@@ -65,7 +65,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", commands::log_safe(&error_chain(&e)));
             ExitCode::FAILURE
         }
     }

@@ -20,29 +20,41 @@ pub struct ModelArgs {
     #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"])]
     pub roi: Option<Vec<usize>>,
     /// Fraction by which neighbouring windows overlap, in [0, 1).
-    #[arg(long)]
+    #[arg(long, value_parser = finite)]
     pub overlap: Option<f64>,
     /// How overlapping windows are blended.
     #[arg(long, value_enum)]
     pub mode: Option<Blend>,
     /// Gaussian sigma as a fraction of the window size.
-    #[arg(long)]
+    #[arg(long, value_parser = finite)]
     pub sigma_scale: Option<f64>,
     /// 2.5D slab inference with this many neighbouring slices.
     #[arg(long, value_name = "D")]
     pub slab_depth: Option<usize>,
     /// Intensity window: clip to [LO, HI], scale to [0, 1].
-    #[arg(long, num_args = 2, value_names = ["LO", "HI"], allow_negative_numbers = true)]
+    #[arg(long, num_args = 2, value_names = ["LO", "HI"], allow_negative_numbers = true, value_parser = finite)]
     pub window: Option<Vec<f64>>,
     /// z-score intensities instead of a window.
     #[arg(long)]
     pub zscore: bool,
     /// Resample to this voxel spacing (mm) before inference.
-    #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"])]
+    #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"], value_parser = finite)]
     pub spacing: Option<Vec<f64>>,
     /// Input channels of a model without a manifest.
     #[arg(long)]
     pub channels: Option<usize>,
+}
+
+/// A number flag: NaN and infinities are refused here, because the layer
+/// they go into is JSON, which has no such numbers (they would turn into
+/// "not given" and be ignored).
+fn finite(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("`{s}`: {e}"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("`{s}` is not a finite number"))
+    }
 }
 
 impl ModelArgs {
@@ -128,6 +140,23 @@ mod tests {
         assert_eq!(o.spacing, Some([2.0, 2.0, 2.0]));
         assert_eq!(o.blend, Some(crate::inference::BlendMode::Constant));
         assert_eq!(o.zscore, None);
+    }
+
+    #[test]
+    fn non_finite_numbers_are_refused_not_dropped() {
+        for args in [
+            &["x", "--overlap", "NaN"][..],
+            &["x", "--overlap", "inf"],
+            &["x", "--sigma-scale", "nan"],
+            &["x", "--window", "0", "NaN"],
+            &["x", "--spacing", "1", "-inf", "1"],
+        ] {
+            let e = Cli::try_parse_from(args).err().map(|e| e.to_string());
+            let e = e.unwrap_or_else(|| panic!("{args:?} was accepted"));
+            assert!(e.contains("not a finite number"), "{args:?}: {e}");
+        }
+        let cli = Cli::parse_from(["x", "--overlap", "0.5"]);
+        assert_eq!(cli.model.overrides().unwrap().overlap, Some(0.5));
     }
 
     #[test]

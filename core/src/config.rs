@@ -63,7 +63,23 @@ pub struct Settings {
     pub model: ModelOverrides,
     /// `infl8 watch`: how the service picks up and records inputs.
     pub watch: WatchSettings,
+    /// How plugin libraries are vetted before they are opened.
+    pub plugins: PluginSettings,
 }
+
+/// See [`Settings::plugins`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginSettings {
+    /// Open plugin libraries that are group- or world-writable, or sit in
+    /// such a directory (refused by default, as ssh refuses such keys:
+    /// anyone who can write there can run code as the caller).
+    pub allow_insecure_permissions: bool,
+}
+
+/// Most backend threads a setting may ask for: more is a typo, and spawning
+/// them would take minutes before the backend fails.
+pub const MAX_THREADS: usize = 1024;
 
 /// See [`Settings::precision`].
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -155,6 +171,7 @@ impl Default for Settings {
             postprocess: Postprocess::default(),
             model: ModelOverrides::default(),
             watch: WatchSettings::default(),
+            plugins: PluginSettings::default(),
         }
     }
 }
@@ -176,14 +193,31 @@ pub struct Limits {
     /// Longest a volume may take, in seconds (read to written); past it the
     /// volume fails with a timeout error. 0 = no limit.
     pub timeout_s: f64,
-    /// Memory the window batch may use, in MiB: caps `window_batch` so the
-    /// batch's input and output tensors fit. 0 = no cap.
+    /// Memory one volume's run may take, in MiB: every allocation that
+    /// grows with the image, the model grid (`model.spacing`), the window
+    /// (`model.roi`) or the batch is checked against it before it is made,
+    /// and it caps `window_batch`. Defaults to half the physical memory
+    /// (see [`default_memory_budget_mb`]); 0 = no cap.
     pub memory_budget_mb: u64,
 }
 
 /// Above any real scan (a 512^3 float64 volume is 1 GiB), far below what
 /// a hostile or sparse file can declare.
 pub const DEFAULT_MAX_INPUT_BYTES: u64 = 4 << 30;
+
+/// Half of the machine's physical memory (`MemTotal` in /proc/meminfo), in
+/// MiB, or 4096 MiB where that cannot be read: the run and the operating
+/// system, file cache and other services share the rest.
+pub fn default_memory_budget_mb() -> u64 {
+    physical_memory_mb().map_or(4096, |m| (m / 2).max(1))
+}
+
+fn physical_memory_mb() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
 
 impl Default for Limits {
     fn default() -> Self {
@@ -193,7 +227,7 @@ impl Default for Limits {
             max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
             nonfinite: r.allow_nonfinite,
             timeout_s: 0.0,
-            memory_budget_mb: 0,
+            memory_budget_mb: default_memory_budget_mb(),
         }
     }
 }
@@ -204,6 +238,7 @@ impl Limits {
             max_voxels: self.max_voxels,
             allow_nonfinite: self.nonfinite,
             max_input_bytes: self.max_input_bytes,
+            memory_budget_bytes: self.memory_budget_mb.saturating_mul(1 << 20),
         }
     }
 }
@@ -524,6 +559,12 @@ impl Settings {
         if self.window_batch == 0 {
             return Err("window_batch: must be at least 1".into());
         }
+        if self.threads > MAX_THREADS {
+            return Err(format!(
+                "threads: {} is more than {MAX_THREADS} (0 = one per core)",
+                self.threads
+            ));
+        }
         if self.limits.max_voxels == 0 {
             return Err("limits.max_voxels: must be at least 1".into());
         }
@@ -676,6 +717,53 @@ mod tests {
             e.contains("threads:") && e.contains("the environment"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn memory_is_bounded_by_default() {
+        let kib: u64 = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_owned();
+                line.split_whitespace().nth(1)?.parse().ok()
+            })
+            .unwrap_or(8192 * 1024);
+        let s = load(None, env(&[]), &json!({})).unwrap();
+        assert_eq!(s.limits.memory_budget_mb, kib / 1024 / 2);
+        assert_eq!(
+            s.limits.read_limits().memory_budget_bytes,
+            (kib / 1024 / 2) << 20
+        );
+        // 0 still turns the cap off, for whoever asks.
+        let s = load(None, env(&[("INFL8_LIMITS__MEMORY_BUDGET_MB", "0")]), &json!({})).unwrap();
+        assert_eq!(s.limits.read_limits().memory_budget_bytes, 0);
+    }
+
+    #[test]
+    fn absurd_thread_counts_are_refused_at_once() {
+        let e = load(None, env(&[]), &json!({"threads": 100_000}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("threads: 100000") && e.contains("1024"), "{e}");
+        let s = load(None, env(&[]), &json!({"threads": MAX_THREADS})).unwrap();
+        assert_eq!(s.threads, MAX_THREADS);
+    }
+
+    #[test]
+    fn insecure_plugins_are_opt_in() {
+        let s = load(None, env(&[]), &json!({})).unwrap();
+        assert!(!s.plugins.allow_insecure_permissions);
+        let s = load(
+            None,
+            env(&[("INFL8_PLUGINS__ALLOW_INSECURE_PERMISSIONS", "true")]),
+            &json!({}),
+        )
+        .unwrap();
+        assert!(s.plugins.allow_insecure_permissions);
+        let e = load(None, env(&[]), &json!({"plugins": {"allow_insecure": true}}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plugins.allow_insecure: unknown key"), "{e}");
     }
 
     #[test]

@@ -43,6 +43,7 @@ fn read_nifti(name: &Path, bytes: &[u8]) {
         max_voxels: 512 * 512 * 512,
         allow_nonfinite: NonFinite::Reject,
         max_input_bytes: 1 << 30,
+        memory_budget_bytes: 4 << 30,
     };
     let mut result = nifti_io::read_volume_bytes(name, bytes, &limits);
     if let Err(NiftiIoError::NonFinite { .. }) = result {

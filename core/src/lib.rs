@@ -6,6 +6,7 @@
 //! reduced to labels and mapped back onto the input's own grid.
 
 pub mod backend;
+pub mod budget;
 #[cfg(feature = "cli")]
 pub mod cli_args;
 pub mod config;

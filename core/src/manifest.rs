@@ -55,6 +55,9 @@ pub enum InferenceMode {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+// A misspelt key (`"overlapp"`) would otherwise be dropped and the model run
+// with the default it meant to change, as settings files refuse them too.
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     #[serde(default = "format_v1")]
     pub format: u32,
@@ -501,5 +504,33 @@ mod tests {
         let m = Manifest::from_json(&json, p, "sidecar").unwrap();
         let again = Manifest::from_json(&m.to_json(), p, "sidecar").unwrap();
         assert_eq!(again, m, "{}", m.to_json());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_at_every_level() {
+        let good = r#"{"input_channels":1,"labels":["background","head"],
+            "inference":{"kind":"sliding_window","roi":[64,64,64]}}"#;
+        let p = Path::new("m.onnx.json");
+        Manifest::from_json(good, p, "sidecar").unwrap();
+        for (bad, key) in [
+            (good.replacen("\"labels\"", "\"lables\":[],\"labels\"", 1), "lables"),
+            (good.replacen("\"roi\"", "\"overlapp\":0.9,\"roi\"", 1), "overlapp"),
+            (
+                r#"{"input_channels":1,"labels":["b","h"],
+                   "inference":{"kind":"slab","depth":3,"roi":[1,2]}}"#
+                    .to_string(),
+                "roi",
+            ),
+            (
+                good.replacen("}}", "},\"preprocess\":{\"spacing\":[1,1,1]}}", 1),
+                "spacing",
+            ),
+        ] {
+            let e = Manifest::from_json(&bad, p, "sidecar").unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("unknown field `{key}`")) && e.contains("m.onnx.json"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

@@ -46,6 +46,10 @@ const SLAB_BYTES: usize = 8 << 20;
 const X_BLOCK: usize = 16;
 /// NIfTI-1 stores sizes as signed 16-bit integers.
 const MAX_DIM: usize = i16::MAX as usize;
+/// Smallest voxel edge accepted, in mm. Even micro-CT stays above 1 um; a
+/// smaller one is a header in the wrong unit or corrupt, and resampling it
+/// to a model's spacing collapses the image to a voxel or two.
+pub const MIN_VOXEL_MM: f64 = 1e-3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NiftiIoError {
@@ -62,7 +66,7 @@ pub enum NiftiIoError {
     Unsupported { path: PathBuf, detail: String },
     #[error(
         "{}: dims {dims:?} declare {voxels} voxels, more than the limit of {max} \
-         (ReadLimits::max_voxels)",
+         (limits.max_voxels)",
         .path.display()
     )]
     TooLarge {
@@ -91,8 +95,8 @@ pub enum NiftiIoError {
         source: io::Error,
     },
     #[error(
-        "{}: {count} of {total} voxels are NaN or infinite (reading with NonFinite::Zero \
-         replaces them with 0)",
+        "{}: {count} of {total} voxels are NaN or infinite (the setting \
+         limits.nonfinite = \"zero\" replaces them with 0)",
         .path.display()
     )]
     NonFinite {
@@ -102,6 +106,28 @@ pub enum NiftiIoError {
     },
     #[error("{}: cannot allocate {bytes} bytes for the voxel data", .path.display())]
     Alloc { path: PathBuf, bytes: u128 },
+    #[error(
+        "{}: the voxels need {} MiB as f32, more than limits.memory_budget_mb = {} MiB",
+        .path.display(),
+        .bytes.div_ceil(1 << 20),
+        .budget_bytes >> 20
+    )]
+    MemoryBudget {
+        path: PathBuf,
+        bytes: u128,
+        budget_bytes: u64,
+    },
+    #[error(
+        "{}: voxel size {spacing:?} mm (from the {source_name}) is below the minimum of \
+         {} mm: a corrupt or mis-scaled header",
+        .path.display(),
+        MIN_VOXEL_MM
+    )]
+    TinyVoxels {
+        path: PathBuf,
+        spacing: [f64; 3],
+        source_name: &'static str,
+    },
     #[error("{}: cannot write: {detail}", .path.display())]
     InvalidWrite { path: PathBuf, detail: String },
     #[error(transparent)]
@@ -141,16 +167,24 @@ pub struct ReadLimits {
     pub max_voxels: u64,
     pub allow_nonfinite: NonFinite,
     /// Largest accepted file on disk and largest uncompressed voxel data the
-    /// header may declare, in bytes; 0 = no limit beyond `max_voxels`.
+    /// header may declare, in bytes; 0 = no limit beyond `max_voxels`. A
+    /// gzip stream that inflates past it is stopped while streaming.
     pub max_input_bytes: u64,
+    /// Memory the whole run over one volume may take, in bytes (reading
+    /// checks its own f32 copy of the voxels against it; the segmenter
+    /// checks the rest of the pipeline); 0 = no limit.
+    pub memory_budget_bytes: u64,
 }
 
 impl Default for ReadLimits {
     fn default() -> Self {
         ReadLimits {
-            max_voxels: 512 * 512 * 512 * 4,
+            // 512 x 512 x 1024: a whole-body CT; larger is refused from the
+            // header before anything is allocated.
+            max_voxels: 512 * 512 * 1024,
             allow_nonfinite: NonFinite::Reject,
             max_input_bytes: 0,
+            memory_budget_bytes: 0,
         }
     }
 }
@@ -337,7 +371,16 @@ fn read_volume_from<R: BufRead>(
         head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b
     };
     let mut src: Box<dyn Read + '_> = if gz {
-        Box::new(GzMembers::new(buffered))
+        // A gzip bomb is stopped while it inflates, not after.
+        let max = match limits.max_input_bytes {
+            0 => u64::MAX,
+            m => m,
+        };
+        Box::new(CappedInflate {
+            inner: GzMembers::new(buffered),
+            left: max,
+            max,
+        })
     } else {
         Box::new(buffered)
     };
@@ -350,19 +393,19 @@ fn read_volume_from<R: BufRead>(
     let (affine, source) = header_affine(&header);
     if header.sform_code > 0 && source != AffineSource::Sform {
         tracing::warn!(
-            path = %path.display(),
+            path = ?path,
             "sform_code > 0 but the sform is degenerate or not finite; ignoring it"
         );
     }
     if header.qform_code > 0 && source == AffineSource::Pixdim {
         tracing::warn!(
-            path = %path.display(),
+            path = ?path,
             "qform_code > 0 but the qform is degenerate or not finite; ignoring it"
         );
     }
     if source == AffineSource::Pixdim {
         tracing::warn!(
-            path = %path.display(),
+            path = ?path,
             "no usable sform or qform: using an ANALYZE-style pixdim-diagonal affine; \
              the orientation of this image is unknown"
         );
@@ -372,6 +415,18 @@ fn read_volume_from<R: BufRead>(
             path,
             format!("degenerate voxel-to-world affine {affine:?}"),
         ));
+    }
+    let spacing = spacing_of(&affine);
+    if spacing.iter().any(|&s| s < MIN_VOXEL_MM) {
+        return Err(NiftiIoError::TinyVoxels {
+            path: path.to_path_buf(),
+            spacing,
+            source_name: match source {
+                AffineSource::Sform => "sform",
+                AffineSource::Qform => "qform",
+                AffineSource::Pixdim => "pixdim",
+            },
+        });
     }
 
     // Skip extensions between the header and the voxels.
@@ -388,6 +443,14 @@ fn read_volume_from<R: BufRead>(
     let [nx, ny, nz] = layout.dims;
     let per_channel = nx * ny * nz;
     let total = per_channel * layout.channels;
+    let f32_bytes = total as u128 * 4;
+    if limits.memory_budget_bytes > 0 && f32_bytes > u128::from(limits.memory_budget_bytes) {
+        return Err(NiftiIoError::MemoryBudget {
+            path: path.to_path_buf(),
+            bytes: f32_bytes,
+            budget_bytes: limits.memory_budget_bytes,
+        });
+    }
     let mut data: Vec<f32> = Vec::new();
     data.try_reserve_exact(total)
         .map_err(|_| NiftiIoError::Alloc {
@@ -444,8 +507,20 @@ fn read_volume_from<R: BufRead>(
     if gz {
         // Reading to the end makes flate2 verify the CRC and length trailer,
         // which catches corruption the deflate decoder itself cannot see.
-        io::copy(&mut src, &mut io::sink())
+        // A valid file has nothing after the voxels; inflating more than
+        // the image itself again is a bomb, not padding.
+        let image = layout.vox_offset + total as u64 * elem as u64;
+        let trailing = io::copy(&mut src.by_ref().take(image + 1), &mut io::sink())
             .map_err(|e| read_err(path, gz, "gzip stream after the voxel data", e))?;
+        if trailing > image {
+            return Err(NiftiIoError::Unsupported {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "the gzip stream inflates to more than {image} bytes after the \
+                     {image}-byte image: not a NIfTI file, or a gzip bomb"
+                ),
+            });
+        }
     }
 
     if nonfinite > 0 {
@@ -459,7 +534,7 @@ fn read_volume_from<R: BufRead>(
             }
             NonFinite::Zero => {
                 tracing::warn!(
-                    path = %path.display(),
+                    path = ?path,
                     count = nonfinite,
                     "replacing NaN/infinite voxels with 0"
                 );
@@ -472,13 +547,34 @@ fn read_volume_from<R: BufRead>(
 
     let data = ndarray::Array4::from_shape_vec((layout.channels, nx, ny, nz), data)
         .map_err(|e| header_err(path, format!("inconsistent dims: {e}")))?;
-    let spacing = spacing_of(&affine);
     Ok(Volume {
         data,
         affine,
         spacing,
         header: Some(header),
     })
+}
+
+/// Inflated bytes, refused once more than `max` (`limits.max_input_bytes`)
+/// came out: the header's declared size is checked before, this stops a
+/// stream that inflates past it while it streams.
+struct CappedInflate<R> {
+    inner: R,
+    left: u64,
+    max: u64,
+}
+
+impl<R: Read> Read for CappedInflate<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            io::Error::other(format!(
+                "the gzip stream inflates past limits.max_input_bytes = {} bytes",
+                self.max
+            ))
+        })?;
+        Ok(n)
+    }
 }
 
 /// A gzip stream of one or more members (as bgzip and concatenation
@@ -540,6 +636,29 @@ fn parse_header(path: &Path, raw: &[u8; HEADER_SIZE]) -> Result<NiftiHeader, Nif
             path: path.to_path_buf(),
             detail: "NIfTI-2 files are not supported (convert to NIfTI-1)".into(),
         });
+    }
+    // The `nifti` crate guesses the byte order from dim[0] and reads a bad
+    // dim[0] as a byte-swapped header; sizeof_hdr (always 348) settles the
+    // order, so a bad dim[0] is reported as itself.
+    let big = match (sizeof_le, sizeof_be) {
+        (348, _) => false,
+        (_, 348) => true,
+        _ => {
+            return Err(header_err(
+                path,
+                format!(
+                    "sizeof_hdr is {sizeof_le} (must be 348; not a NIfTI-1 file, or a corrupt one)"
+                ),
+            ));
+        }
+    };
+    let dim0 = if big {
+        i16::from_be_bytes([raw[40], raw[41]])
+    } else {
+        i16::from_le_bytes([raw[40], raw[41]])
+    };
+    if !(1..=7).contains(&dim0) {
+        return Err(header_err(path, format!("dim[0] = {dim0} (must be 1..=7)")));
     }
     let header = NiftiHeader::from_reader(&raw[..]).map_err(|e| {
         header_err(
@@ -709,11 +828,11 @@ fn scaling_of(path: &Path, h: &NiftiHeader) -> Option<(f64, f64)> {
         return None;
     }
     if !slope.is_finite() {
-        tracing::warn!(path = %path.display(), slope, "ignoring non-finite scl_slope");
+        tracing::warn!(path = ?path, slope, "ignoring non-finite scl_slope");
         return None;
     }
     if !inter.is_finite() {
-        tracing::warn!(path = %path.display(), inter, "ignoring non-finite scl_inter");
+        tracing::warn!(path = ?path, inter, "ignoring non-finite scl_inter");
         inter = 0.0;
     }
     if slope == 1.0 && inter == 0.0 {
@@ -1556,6 +1675,122 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    /// `vol` written as `.nii` into `dir`, with `edit` applied to its bytes.
+    fn edited(dir: &Path, name: &str, vol: &Volume, edit: impl Fn(&mut Vec<u8>)) -> PathBuf {
+        let p = dir.join(name);
+        write_volume(&p, vol, DataType::F32).unwrap();
+        let mut bytes = fs::read(&p).unwrap();
+        edit(&mut bytes);
+        fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_bad_dim0_is_reported_as_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = identity_volume([4, 3, 2], 1);
+        for (dim0, want) in [(8i16, "dim[0] = 8"), (0, "dim[0] = 0"), (-1, "dim[0] = -1")] {
+            let p = edited(dir.path(), "d.nii", &vol, |b| {
+                b[40..42].copy_from_slice(&dim0.to_le_bytes())
+            });
+            let e = read_volume(&p, &ReadLimits::default()).unwrap_err();
+            let e = e.to_string();
+            assert!(e.contains(want) && e.contains("d.nii"), "{e}");
+            assert!(!e.contains("sizeof_hdr"), "{e}");
+        }
+        let p = edited(dir.path(), "s.nii", &vol, |b| {
+            b[0..4].copy_from_slice(&349i32.to_le_bytes())
+        });
+        let e = read_volume(&p, &ReadLimits::default()).unwrap_err();
+        assert!(e.to_string().contains("sizeof_hdr is 349"), "{e}");
+    }
+
+    #[test]
+    fn micrometre_voxels_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vol = identity_volume([4, 3, 2], 1);
+        vol.affine = Matrix4::identity() * 1e-6;
+        vol.affine[(3, 3)] = 1.0;
+        vol.header = None;
+        let p = dir.path().join("tiny.nii");
+        write_volume(&p, &vol, DataType::F32).unwrap();
+        let e = read_volume(&p, &ReadLimits::default()).unwrap_err();
+        assert!(matches!(e, NiftiIoError::TinyVoxels { .. }), "{e}");
+        let e = e.to_string();
+        assert!(e.contains("tiny.nii") && e.contains("0.001 mm"), "{e}");
+        // 10 um (micro-CT) still reads.
+        vol.affine = Matrix4::identity() * 0.01;
+        vol.affine[(3, 3)] = 1.0;
+        write_volume(&p, &vol, DataType::F32).unwrap();
+        read_volume(&p, &ReadLimits::default()).unwrap();
+    }
+
+    #[test]
+    fn limit_errors_name_the_settings_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vol = identity_volume([4, 3, 2], 1);
+        let p = dir.path().join("v.nii");
+        write_volume(&p, &vol, DataType::F32).unwrap();
+        let tight = ReadLimits {
+            max_voxels: 5,
+            ..ReadLimits::default()
+        };
+        let e = read_volume(&p, &tight).unwrap_err().to_string();
+        assert!(e.contains("(limits.max_voxels)") && !e.contains("ReadLimits"), "{e}");
+        let budget = ReadLimits {
+            memory_budget_bytes: 95,
+            ..ReadLimits::default()
+        };
+        let e = read_volume(&p, &budget).unwrap_err().to_string();
+        assert!(e.contains("limits.memory_budget_mb"), "{e}");
+        vol.data[[0, 1, 1, 1]] = f32::NAN;
+        write_volume(&p, &vol, DataType::F32).unwrap();
+        let e = read_volume(&p, &ReadLimits::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("limits.nonfinite = \"zero\"") && !e.contains("NonFinite::"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_gzip_stream_inflating_past_the_image_is_stopped_while_streaming() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = identity_volume([8, 8, 8], 1);
+        let raw = dir.path().join("v.nii");
+        write_volume(&raw, &vol, DataType::F32).unwrap();
+        let image = fs::read(&raw).unwrap();
+        // The image, then 64 MiB of zeros in the same member: a valid
+        // stream of ~64 KiB that a reader without a cap inflates in full.
+        let bomb = dir.path().join("bomb.nii.gz");
+        let mut gz = GzEncoder::new(File::create(&bomb).unwrap(), Compression::fast());
+        gz.write_all(&image).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..64 {
+            gz.write_all(&zeros).unwrap();
+        }
+        gz.finish().unwrap();
+        assert!(fs::metadata(&bomb).unwrap().len() < 1 << 20);
+        let e = read_volume(&bomb, &ReadLimits::default()).unwrap_err();
+        assert!(e.to_string().contains("inflates to more than"), "{e}");
+        // A cap above the image: the stream is cut where it passes the cap.
+        let capped = ReadLimits {
+            max_input_bytes: image.len() as u64 + 100,
+            ..ReadLimits::default()
+        };
+        let e = read_volume(&bomb, &capped).unwrap_err().to_string();
+        assert!(
+            e.contains("bomb.nii.gz") && e.contains("limits.max_input_bytes"),
+            "{e}"
+        );
+        // A little trailing data is still tolerated, as before.
+        let fine = dir.path().join("fine.nii.gz");
+        let mut gz = GzEncoder::new(File::create(&fine).unwrap(), Compression::fast());
+        gz.write_all(&image).unwrap();
+        gz.write_all(&[0u8; 16]).unwrap();
+        gz.finish().unwrap();
+        read_volume(&fine, &capped).unwrap();
     }
 
     #[test]

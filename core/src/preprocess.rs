@@ -360,6 +360,10 @@ impl Resampling {
         &self.affine
     }
 
+    pub fn src_dims(&self) -> [usize; 3] {
+        self.src_dims
+    }
+
     /// Trilinear (edge-clamped) resampling of a `[C, ...]` image on the
     /// source grid onto the new grid.
     pub fn forward_linear(&self, data: ArrayView4<f32>) -> Result<Array4<f32>, PreprocessError> {
@@ -793,13 +797,12 @@ fn check_spec(spec: &PreprocessSpec) -> Result<(), PreprocessError> {
     Ok(())
 }
 
-/// Reorient, resample and normalise `vol` as `spec` asks. Returns the model
-/// input (standard layout, no header: it describes a new grid) and the
-/// [`Inverse`] that maps results back onto `vol`'s grid.
-pub fn preprocess(
+/// The reorientation and resampling [`preprocess`] applies to `vol`: pure
+/// geometry, nothing allocated, so sizes can be checked before they are.
+pub fn geometry(
     vol: &Volume,
     spec: &PreprocessSpec,
-) -> Result<(Volume, Inverse), PreprocessError> {
+) -> Result<(Reorientation, Option<Resampling>), PreprocessError> {
     check_spec(spec)?;
     check_volume(vol)?;
     let dims = vol.dims();
@@ -813,6 +816,19 @@ pub fn preprocess(
         Some(t) => Resampling::new(&affine, reorientation.dst_dims(), t)?,
         None => None,
     };
+    Ok((reorientation, resampling))
+}
+
+/// Reorient, resample and normalise `vol` as `spec` asks. Returns the model
+/// input (standard layout, no header: it describes a new grid) and the
+/// [`Inverse`] that maps results back onto `vol`'s grid.
+pub fn preprocess(
+    vol: &Volume,
+    spec: &PreprocessSpec,
+) -> Result<(Volume, Inverse), PreprocessError> {
+    let (reorientation, resampling) = geometry(vol, spec)?;
+    let dims = vol.dims();
+    let affine = reorientation.apply_affine(&vol.affine);
     let mut data = to_model_grid(
         vol.data.view(),
         &reorientation,

@@ -6,6 +6,7 @@ use std::time::Instant;
 use ndarray::{Array3, Array4, ArrayView3};
 
 use crate::backend::Model;
+use crate::budget::{self, BudgetError};
 use crate::inference::{self, InferenceError, postprocess};
 use crate::manifest::{InferenceMode, Manifest, Postprocessing};
 use crate::nifti_io::{self, NiftiIoError, ReadLimits};
@@ -18,6 +19,12 @@ pub enum SegmentError {
     Nifti(#[from] NiftiIoError),
     #[error("{path}: {message}")]
     Input { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Budget {
+        path: PathBuf,
+        #[source]
+        source: BudgetError,
+    },
     #[error("{path}: preprocessing failed: {source}")]
     Preprocess {
         path: PathBuf,
@@ -68,6 +75,10 @@ pub struct SegmentReport {
     pub label_voxels: Vec<u64>,
     /// Peak resident memory of the process after this volume.
     pub peak_rss_bytes: Option<u64>,
+    /// Why the volume failed (folder runs report failures too; the other
+    /// fields are then empty and no output was written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Segmenter {
@@ -184,6 +195,24 @@ impl Segmenter {
     ) -> Result<SegmentReport, SegmentError> {
         let t0 = Instant::now();
         let vol = nifti_io::read_volume(input, limits)?;
+        budget::check(
+            &vol,
+            &self.manifest,
+            self.model.as_ref(),
+            self.window_batch,
+            limits.max_voxels,
+            limits.memory_budget_bytes,
+        )
+        .map_err(|e| match e {
+            BudgetError::Geometry(source) => SegmentError::Preprocess {
+                path: input.to_path_buf(),
+                source,
+            },
+            source => SegmentError::Budget {
+                path: input.to_path_buf(),
+                source,
+            },
+        })?;
         let read_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let seg = self.segment(&vol, input, logits.is_some(), progress)?;
@@ -214,6 +243,7 @@ impl Segmenter {
             write_s,
             label_voxels,
             peak_rss_bytes: peak_rss_bytes(),
+            error: None,
         })
     }
 }

@@ -20,7 +20,7 @@ use crate::backend::{Model, TensorInfo};
 
 /// Settings of a 2.5D slab run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Slab {
     /// Slices per slab (odd or even; the predicted slice is at index
     /// `depth / 2` of the slab).

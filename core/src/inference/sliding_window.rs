@@ -33,7 +33,7 @@ pub enum BlendMode {
 
 /// Settings of a 3D sliding-window run (MONAI's `sliding_window_inference`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SlidingWindow {
     /// Window size along X, Y, Z. A 0 takes the image's size on that axis,
     /// as MONAI does for non-positive sizes.
@@ -364,6 +364,15 @@ pub fn scan_interval(size: usize, roi: usize, overlap: f64) -> usize {
     }
 }
 
+/// How many windows [`axis_origins`] gives, without listing them.
+pub(crate) fn axis_window_count(size: usize, roi: usize, overlap: f64) -> usize {
+    if size <= roi {
+        1
+    } else {
+        (size - roi).div_ceil(scan_interval(size, roi, overlap)) + 1
+    }
+}
+
 /// Window starts along one axis in the padded image's coordinates
 /// (MONAI's `dense_patch_slices`): every `interval` voxels, the last one
 /// moved back so that it ends exactly at the edge.
@@ -519,7 +528,7 @@ pub(crate) fn image_dims(shape: &[usize]) -> Result<(usize, [usize; 3]), Inferen
     }
 }
 
-fn resolve_roi(roi: [usize; 3], dims: [usize; 3]) -> [usize; 3] {
+pub(crate) fn resolve_roi(roi: [usize; 3], dims: [usize; 3]) -> [usize; 3] {
     std::array::from_fn(|a| if roi[a] == 0 { dims[a] } else { roi[a] })
 }
 
@@ -747,6 +756,21 @@ mod tests {
         // Even roi, exact fit.
         assert_eq!(axis_starts(32, 16, 0.5), vec![0, 8, 16]);
         assert_eq!(axis_starts(16, 16, 0.5), vec![0]);
+    }
+
+    #[test]
+    fn window_counts_match_the_window_lists() {
+        for size in 1..60 {
+            for roi in [1, 2, 7, 16, 64] {
+                for overlap in [0.0, 0.25, 0.5, 0.9] {
+                    assert_eq!(
+                        axis_window_count(size, roi, overlap),
+                        axis_starts(size, roi, overlap).len(),
+                        "{size} {roi} {overlap}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,12 @@
 //!
 //! Plugins are trusted code: a library runs with the host's privileges and
 //! can break memory safety however carefully the host checks what it
-//! returns. Only point the host at directories you control.
+//! returns. Only point the host at directories you control. Before a
+//! library is opened (which runs its constructors) the host refuses one
+//! that others could have written (group- or world-writable, it or its
+//! directory) unless told otherwise, and one that is not an ELF shared
+//! library of this machine exporting the entry symbol; and it opens only the
+//! libraries the requested backends need ([`PluginHost::discover_for`]).
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -40,6 +45,22 @@ pub enum PluginError {
 
     #[error("cannot open plugin library {}: {message}", .library.display())]
     Open { library: PathBuf, message: String },
+
+    #[error(
+        "refusing plugin library {}: {what} {} is {} (mode {mode:04o}), so others could \
+         replace the code infl8 runs; remove the write permission (chmod go-w), or allow it \
+         with plugins.allow_insecure_permissions = true (--allow-insecure-plugins)",
+        .library.display(),
+        .path.display(),
+        writable_by(*.mode)
+    )]
+    InsecurePermissions {
+        library: PathBuf,
+        /// `the file` or `the directory`.
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+    },
 
     #[error(
         "{} is not an infl8 plugin: it does not export `{}` ({message})",
@@ -84,6 +105,58 @@ pub enum PluginError {
         available: Vec<String>,
         searched: Vec<PathBuf>,
     },
+}
+
+fn writable_by(mode: u32) -> &'static str {
+    match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        (true, true) => "group- and world-writable",
+        (false, true) => "world-writable",
+        _ => "group-writable",
+    }
+}
+
+/// The loader's own reason (`dlerror()`): libloading's message is only
+/// "dlopen failed", the reason is its source.
+fn loader_reason(e: &libloading::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(source) => source.to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// Refuses `library` when it, the file it resolves to, or the directory of
+/// either is writable by group or others.
+#[cfg(unix)]
+fn check_permissions(library: &Path, canonical: &Path) -> Result<(), PluginError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs = [library.parent(), canonical.parent()];
+    let checks = [("the file", Some(canonical))]
+        .into_iter()
+        .chain(dirs.into_iter().map(|d| ("the directory", d)));
+    for (what, path) in checks {
+        let Some(path) = path.map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        else {
+            continue;
+        };
+        let Ok(meta) = std::fs::metadata(path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(PluginError::InsecurePermissions {
+                library: library.to_path_buf(),
+                what,
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_permissions(_: &Path, _: &Path) -> Result<(), PluginError> {
+    Ok(())
 }
 
 fn list_or_none(items: &[String]) -> String {
@@ -146,6 +219,7 @@ pub struct PluginHost {
     search_dirs: Vec<PathBuf>,
     libraries: Vec<LoadedLibrary>,
     backends: Vec<RegisteredBackend>,
+    allow_insecure_permissions: bool,
 }
 
 impl PluginHost {
@@ -165,7 +239,80 @@ impl PluginHost {
             search_dirs,
             libraries: Vec::new(),
             backends: Vec::new(),
+            allow_insecure_permissions: false,
         }
+    }
+
+    /// Also open libraries that are group- or world-writable or sit in such
+    /// a directory (the setting `plugins.allow_insecure_permissions`).
+    pub fn allow_insecure_permissions(mut self, allow: bool) -> Self {
+        self.allow_insecure_permissions = allow;
+        self
+    }
+
+    /// Library file names that may hold backend `name`, most specific
+    /// first: `libinfl8_ort_cuda.so`, then the family `libinfl8_ort.so`
+    /// (plugins name their backends after themselves: `ort-cpu` comes from
+    /// `libinfl8_ort.so`).
+    pub fn library_names_for(name: &str) -> Vec<String> {
+        let file = |stem: &str| {
+            format!(
+                "{}infl8_{}{}",
+                std::env::consts::DLL_PREFIX,
+                stem.replace('-', "_"),
+                std::env::consts::DLL_SUFFIX
+            )
+        };
+        let mut names = vec![file(name)];
+        if let Some((family, _)) = name.split_once('-') {
+            names.push(file(family));
+        }
+        names
+    }
+
+    /// Loads only the libraries `backends` need, found by file name (see
+    /// [`PluginHost::library_names_for`]); only if a backend is still
+    /// missing after that does it fall back to [`PluginHost::discover`],
+    /// opening every library. Returns what was tried, like `discover`.
+    pub fn discover_for(
+        &mut self,
+        backends: &[String],
+    ) -> Vec<(PathBuf, Result<PluginSummary, PluginError>)> {
+        let mut found: Vec<(PathBuf, Result<PluginSummary, PluginError>)> = Vec::new();
+        let has = |host: &Self, name: &str| host.backends.iter().any(|b| b.info.name == name);
+        for name in backends {
+            for file in Self::library_names_for(name) {
+                if has(self, name) {
+                    break;
+                }
+                // As with `PATH`, the first directory holding the name wins.
+                let Some(path) = self
+                    .search_dirs
+                    .iter()
+                    .map(|d| d.join(&file))
+                    .find(|p| p.is_file())
+                else {
+                    continue;
+                };
+                if found.iter().any(|(p, _)| *p == path) {
+                    continue;
+                }
+                let result = self.load_library(&path);
+                found.push((path, result));
+            }
+        }
+        if backends.iter().any(|name| !has(self, name)) {
+            tracing::debug!(
+                ?backends,
+                "a backend is not in a library named after it: opening every plugin library"
+            );
+            for (path, result) in self.discover() {
+                if !found.iter().any(|(p, _)| *p == path) {
+                    found.push((path, result));
+                }
+            }
+        }
+        found
     }
 
     /// Where [`PluginHost::discover`] looks, in order.
@@ -261,11 +408,32 @@ impl PluginHost {
         if let Some(lib) = self.libraries.iter().find(|l| l.canonical == canonical) {
             return Ok(lib.summary.clone());
         }
+        if !self.allow_insecure_permissions {
+            check_permissions(path, &canonical)?;
+        }
+        // Opening a library runs its constructors: anything that cannot be
+        // a plugin for this build is refused from its headers first.
+        #[cfg(target_os = "linux")]
+        match super::elf::check(&canonical, INFL8_ENTRY_SYMBOL) {
+            Ok(()) => {}
+            Err(super::elf::ElfRefusal::NotLoadable(message)) => {
+                return Err(PluginError::Open {
+                    library: path.to_path_buf(),
+                    message,
+                });
+            }
+            Err(super::elf::ElfRefusal::NoEntry) => {
+                return Err(PluginError::NoEntry {
+                    library: path.to_path_buf(),
+                    message: "its dynamic symbol table does not define it; not opened".into(),
+                });
+            }
+        }
         // SAFETY: opening a library runs its initialisers; plugins are
         // trusted code (see the module docs), and that is the whole point.
         let library = unsafe { Library::new(&canonical) }.map_err(|e| PluginError::Open {
             library: path.to_path_buf(),
-            message: e.to_string(),
+            message: loader_reason(&e),
         })?;
         // Never unloaded, whatever happens next: once the entry has run, the
         // plugin may hold threads, thread-locals and destructors that must
@@ -276,7 +444,7 @@ impl PluginHost {
             .map(|symbol| *symbol)
             .map_err(|e| PluginError::NoEntry {
                 library: path.to_path_buf(),
-                message: e.to_string(),
+                message: loader_reason(&e),
             })?;
         // SAFETY: `entry` comes from a library that exports the ABI's entry
         // symbol and stays loaded for the process.

@@ -30,6 +30,8 @@
 
 pub mod abi;
 mod chain;
+#[cfg(target_os = "linux")]
+mod elf;
 pub mod export;
 mod host;
 
