@@ -303,7 +303,7 @@ impl Resampling {
             .collect();
         let out: Vec<Vector4<f64>> = corners.iter().map(|c| to_zoomed * c).collect();
         let mut dst_dims = [0; 3];
-        for a in 0..3 {
+        for (a, d) in dst_dims.iter_mut().enumerate() {
             let lo = out.iter().map(|p| p[a]).fold(f64::INFINITY, f64::min);
             let hi = out.iter().map(|p| p[a]).fold(f64::NEG_INFINITY, f64::max);
             let n = (hi - lo + 1.0).round_ties_even();
@@ -313,7 +313,7 @@ impl Resampling {
                      gives an absurd grid"
                 )));
             }
-            dst_dims[a] = (n as usize).max(1);
+            *d = (n as usize).max(1);
         }
         let min_corner = out
             .iter()
