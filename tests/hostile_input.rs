@@ -165,13 +165,10 @@ fn a_tiny_target_spacing_is_checked_against_max_voxels() {
 fn dimension_bomb(path: &Path) {
     let raw = std::fs::read(t1_2mm()).unwrap();
     let mut header = Vec::new();
-    std::io::Read::read_to_end(
-        &mut flate2::read::GzDecoder::new(&raw[..]),
-        &mut header,
-    )
-    .unwrap();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&raw[..]), &mut header).unwrap();
     header.truncate(352);
-    let put16 = |h: &mut Vec<u8>, at: usize, v: i16| h[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put16 =
+        |h: &mut Vec<u8>, at: usize, v: i16| h[at..at + 2].copy_from_slice(&v.to_le_bytes());
     put16(&mut header, 40, 3);
     put16(&mut header, 42, 1024);
     put16(&mut header, 44, 1024);
@@ -208,7 +205,10 @@ fn a_small_gzip_declaring_half_a_billion_voxels_is_refused_by_default() {
         "--output",
         s(&out),
     ]);
-    refused(&r, &["bomb.nii.gz", "536870912 voxels", "limits.max_voxels"]);
+    refused(
+        &r,
+        &["bomb.nii.gz", "536870912 voxels", "limits.max_voxels"],
+    );
     assert!(!out.exists());
 }
 
@@ -308,7 +308,10 @@ fn folder_mode_writes_the_good_volumes_and_reports_the_bad_one() {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     let entries = v.as_array().unwrap();
     assert_eq!(entries.len(), 3, "{v:#}");
-    let failed: Vec<_> = entries.iter().filter(|e| e.get("error").is_some()).collect();
+    let failed: Vec<_> = entries
+        .iter()
+        .filter(|e| e.get("error").is_some())
+        .collect();
     assert_eq!(failed.len(), 1, "{v:#}");
     assert!(failed[0]["input"].as_str().unwrap().ends_with(evil));
     assert!(

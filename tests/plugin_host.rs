@@ -638,12 +638,18 @@ fn writable_plugins_are_refused_unless_allowed() {
     };
 
     chmod(&plugins, 0o777);
-    let e = PluginHost::new(vec![])
-        .load_library(&lib)
-        .unwrap_err();
-    assert!(matches!(e, PluginError::InsecurePermissions { .. }), "{e:?}");
+    let e = PluginHost::new(vec![]).load_library(&lib).unwrap_err();
+    assert!(
+        matches!(e, PluginError::InsecurePermissions { .. }),
+        "{e:?}"
+    );
     let text = e.to_string();
-    for needle in ["the directory", "0777", "world-writable", "plugins.allow_insecure_permissions"] {
+    for needle in [
+        "the directory",
+        "0777",
+        "world-writable",
+        "plugins.allow_insecure_permissions",
+    ] {
         assert!(text.contains(needle), "{needle:?} missing from: {text}");
     }
 
@@ -660,8 +666,9 @@ fn writable_plugins_are_refused_unless_allowed() {
     let mut host = PluginHost::new(vec![plugins.clone()]);
     let found = host.discover_for(&["tract".to_string()]);
     assert!(
-        found.iter().any(|(p, r)| *p == lib
-            && matches!(r, Err(PluginError::InsecurePermissions { .. }))),
+        found
+            .iter()
+            .any(|(p, r)| *p == lib && matches!(r, Err(PluginError::InsecurePermissions { .. }))),
         "{found:?}"
     );
 
@@ -733,10 +740,16 @@ fn infl8_segment_opens_only_the_backend_it_runs_on() {
     ]));
     let labels = infl8_core::nifti_io::read_volume(&out, &Default::default()).unwrap();
     assert!(labels.data.iter().any(|&v| v == 1.0));
-    assert!(!marker.exists(), "segment --backend tract opened the spy library");
+    assert!(
+        !marker.exists(),
+        "segment --backend tract opened the spy library"
+    );
     // `infl8 plugins` lists everything, so it opens everything.
     let r = infl8(&["plugins", "--plugin-dir", s(&plugins)]);
     assert!(marker.exists());
     let text = String::from_utf8_lossy(&r.stdout);
-    assert!(text.contains("refused:") && text.contains("libinfl8_spy.so"), "{text}");
+    assert!(
+        text.contains("refused:") && text.contains("libinfl8_spy.so"),
+        "{text}"
+    );
 }

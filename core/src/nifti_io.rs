@@ -1774,7 +1774,10 @@ mod tests {
             ..ReadLimits::default()
         };
         let e = read_volume(&p, &tight).unwrap_err().to_string();
-        assert!(e.contains("(limits.max_voxels)") && !e.contains("ReadLimits"), "{e}");
+        assert!(
+            e.contains("(limits.max_voxels)") && !e.contains("ReadLimits"),
+            "{e}"
+        );
         let budget = ReadLimits {
             memory_budget_bytes: 95,
             ..ReadLimits::default()
@@ -1783,7 +1786,9 @@ mod tests {
         assert!(e.contains("limits.memory_budget_mb"), "{e}");
         vol.data[[0, 1, 1, 1]] = f32::NAN;
         write_volume(&p, &vol, DataType::F32).unwrap();
-        let e = read_volume(&p, &ReadLimits::default()).unwrap_err().to_string();
+        let e = read_volume(&p, &ReadLimits::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("limits.nonfinite = \"zero\"") && !e.contains("NonFinite::"),
             "{e}"

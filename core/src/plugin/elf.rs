@@ -268,16 +268,27 @@ mod tests {
     fn each_kind_of_wrong_file_gets_its_own_reason() {
         assert_eq!(refusal(b""), "the file is empty");
         let e = refusal(b"#!/bin/sh\necho hi\n");
-        assert!(e.starts_with("not an ELF shared library") && e.contains("23 21"), "{e}");
+        assert!(
+            e.starts_with("not an ELF shared library") && e.contains("23 21"),
+            "{e}"
+        );
         assert!(refusal(b"\x7fELF\x02").contains("truncated"));
 
         let mut other_class = own_header();
-        other_class[4] = if cfg!(target_pointer_width = "64") { 1 } else { 2 };
+        other_class[4] = if cfg!(target_pointer_width = "64") {
+            1
+        } else {
+            2
+        };
         assert!(refusal(&other_class).contains("-bit ELF library"));
 
         let mut exe = own_header();
         let at = 16;
-        let v = if cfg!(target_endian = "big") { [0, 2] } else { [2, 0] };
+        let v = if cfg!(target_endian = "big") {
+            [0, 2]
+        } else {
+            [2, 0]
+        };
         exe[at..at + 2].copy_from_slice(&v);
         let e = refusal(&exe);
         assert!(e.contains("an executable"), "{e}");
@@ -285,11 +296,22 @@ mod tests {
         let mut other_machine = own_header();
         // A test binary is position-independent (ET_DYN) on this target;
         // make it one and give it a machine no build of infl8 runs on.
-        let dyn_ = if cfg!(target_endian = "big") { [0, 3] } else { [3, 0] };
+        let dyn_ = if cfg!(target_endian = "big") {
+            [0, 3]
+        } else {
+            [3, 0]
+        };
         other_machine[16..18].copy_from_slice(&dyn_);
-        let m = if cfg!(target_endian = "big") { [0, 8] } else { [8, 0] };
+        let m = if cfg!(target_endian = "big") {
+            [0, 8]
+        } else {
+            [8, 0]
+        };
         other_machine[18..20].copy_from_slice(&m);
         let e = refusal(&other_machine);
-        assert!(e.contains("built for mips") && e.contains("this infl8 runs on"), "{e}");
+        assert!(
+            e.contains("built for mips") && e.contains("this infl8 runs on"),
+            "{e}"
+        );
     }
 }
