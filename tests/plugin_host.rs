@@ -604,12 +604,49 @@ fn plugin_files_are_checked_before_they_are_opened() {
     let why = open_reason(host.load_library(&foreign).unwrap_err());
     assert!(why.contains("built for mips"), "{why}");
 
-    // Cut short past its headers: only the loader can tell, and its own
-    // reason (dlerror) comes through instead of "dlopen failed".
+    // Cut short: refused from its headers (the loader would map segments
+    // past the end and die of SIGBUS).
     let tract = std::fs::read(tract_library()).unwrap();
     let cut = file("libinfl8_cut.so", &tract[..64 << 10]);
     let why = open_reason(host.load_library(&cut).unwrap_err());
-    assert!(!why.contains("dlopen failed") && !why.is_empty(), "{why}");
+    assert!(why.starts_with("a truncated ELF file"), "{why}");
+
+    // What only the loader can tell (a missing dependency) comes with the
+    // loader's own reason (dlerror) instead of "dlopen failed".
+    let dep_src = dir.path().join("dep.c");
+    std::fs::write(&dep_src, "int dep_value(void) { return 7; }\n").unwrap();
+    let dep = dir.path().join("libinfl8testdep.so");
+    infl8_suite::compile_c(&["-shared", "-fPIC"], &dep, &[dep_src], "dep");
+    let needy_src = dir.path().join("needy.c");
+    std::fs::write(
+        &needy_src,
+        "int dep_value(void);\n\
+         __attribute__((visibility(\"default\"))) int infl8_plugin_entry(\n\
+             unsigned v, const void *api, const void **table) {\n\
+             (void)v; (void)api; *table = 0; return dep_value();\n\
+         }\n",
+    )
+    .unwrap();
+    let needy = dir.path().join("libinfl8_needy.so");
+    let libdir = format!("-L{}", dir.path().display());
+    infl8_suite::compile_c(
+        &[
+            "-shared",
+            "-fPIC",
+            "-Wl,--no-as-needed",
+            &libdir,
+            "-linfl8testdep",
+        ],
+        &needy,
+        &[needy_src],
+        "needy",
+    );
+    std::fs::remove_file(&dep).unwrap();
+    let why = open_reason(host.load_library(&needy).unwrap_err());
+    assert!(
+        why.contains("libinfl8testdep.so") && !why.contains("dlopen failed"),
+        "{why}"
+    );
 
     // A real shared library without the entry: refused from its symbol
     // table, and never opened (its constructor did not run).
