@@ -341,7 +341,10 @@ fn info_and_plugins_commands() {
     );
     assert!(text.contains("loaded on tract"), "{text}");
     // The manifest printed is the one in the model file, whole.
-    let start = text.find("manifest (ONNX metadata):\n").expect("manifest line") + 26;
+    let start = text
+        .find("manifest (ONNX metadata):\n")
+        .expect("manifest line")
+        + 26;
     let end = start + text[start..].find("\n}").expect("end of the manifest") + 2;
     let printed: infl8_core::manifest::Manifest = serde_json::from_str(&text[start..end])
         .unwrap_or_else(|e| panic!("{e}: {}", &text[start..end]));
@@ -364,7 +367,9 @@ fn info_and_plugins_commands() {
     assert!(library.is_file(), "{row}");
     assert_eq!(
         library.canonicalize().unwrap(),
-        infl8_suite::plugin_lib("infl8_tract").canonicalize().unwrap()
+        infl8_suite::plugin_lib("infl8_tract")
+            .canonicalize()
+            .unwrap()
     );
 }
 

@@ -387,6 +387,7 @@ pub(crate) struct Prepared {
 }
 
 pub(crate) fn prepare(settings: &Settings, model_path: &Path) -> Result<Prepared> {
+    crate::limits::check_declared_input(&settings.limits, model_path)?;
     let (backend, model) = load_model(settings, model_path)?;
     let (manifest, origin) =
         manifest::resolve(model_path, model.input(), model.output(), &settings.model)?;

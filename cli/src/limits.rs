@@ -1,6 +1,7 @@
 //! The profile's `limits` that need the loaded model: the memory budget that
 //! caps the window batch, and the per-volume timeout.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,42 @@ pub(crate) fn window_bytes(manifest: &Manifest, model: &dyn Model) -> Option<u64
     // Input and output tensors, plus the window's share of the importance
     // map (one map for all windows, so this overstates it for a batch).
     Some(spatial.saturating_mul(c + k + 1).saturating_mul(4))
+}
+
+/// Refuses a model whose declared fixed input (one window) does not fit
+/// `limits.memory_budget_mb`, before any backend loads it: tract plans its
+/// buffers for the declared size while it loads, and would abort on an
+/// input declared `[1, 1, 1e5, 1e5, 1e5]` before [`window_batch`] could
+/// look. A file that cannot be read is left to the backend to report.
+pub(crate) fn check_declared_input(limits: &Limits, model_path: &Path) -> Result<()> {
+    use infl8_onnx::DeclaredDim;
+    let budget = limits.memory_budget_mb.saturating_mul(1 << 20);
+    if budget == 0 {
+        return Ok(());
+    }
+    let Ok(model) = infl8_onnx::read_model(model_path) else {
+        return Ok(());
+    };
+    for input in infl8_onnx::inputs(&model) {
+        // The batch dimension aside: one window's input.
+        let window = input.shape.as_deref().and_then(|dims| {
+            dims.iter().skip(1).try_fold(4u64, |bytes, d| match d {
+                DeclaredDim::Fixed(n) if *n > 0 => Some(bytes.saturating_mul(*n as u64)),
+                _ => None,
+            })
+        });
+        if let Some(bytes) = window.filter(|&b| b > budget) {
+            bail!(
+                "{}: limits.memory_budget_mb = {} MiB cannot hold one window of the model's \
+                 declared input {} ({} MiB); refused before loading it",
+                model_path.display(),
+                limits.memory_budget_mb,
+                input.name,
+                bytes.div_ceil(1 << 20)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The window batch to run with: `settings.window_batch`, capped so one
@@ -250,6 +287,30 @@ mod tests {
                 .to_string();
             assert!(e.contains("model.roi") && e.contains("one window"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_model_declaring_a_huge_window_is_refused_before_loading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.onnx");
+        let huge = infl8_onnx::examples::head_mask_model([100_000; 3], 0.1, 1.0);
+        infl8_onnx::write_model(&huge, &path).unwrap();
+        let e = check_declared_input(&Limits::default(), &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("limits.memory_budget_mb")
+                && e.contains("one window")
+                && e.contains("huge.onnx"),
+            "{e}"
+        );
+        // A 64^3 window fits; no budget checks nothing.
+        let small = infl8_onnx::examples::head_mask_model([64; 3], 0.1, 1.0);
+        infl8_onnx::write_model(&small, &path).unwrap();
+        check_declared_input(&Limits::default(), &path).unwrap();
+        let huge_ok = infl8_onnx::examples::head_mask_model([100_000; 3], 0.1, 1.0);
+        infl8_onnx::write_model(&huge_ok, &path).unwrap();
+        check_declared_input(&limits(0), &path).unwrap();
     }
 
     #[test]

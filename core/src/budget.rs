@@ -146,10 +146,8 @@ pub fn plan(
             (w, count, c * s.depth as u128 * w, k * w)
         }
     };
-    let per_call = fixed_batch.map_or_else(
-        || (window_batch as u128).min(windows).max(1),
-        |b| b as u128,
-    );
+    let per_call =
+        fixed_batch.map_or_else(|| (window_batch as u128).min(windows).max(1), |b| b as u128);
     Ok(MemoryPlan {
         input: c * n * 4,
         model_dims,

@@ -735,7 +735,12 @@ mod tests {
             (kib / 1024 / 2) << 20
         );
         // 0 still turns the cap off, for whoever asks.
-        let s = load(None, env(&[("INFL8_LIMITS__MEMORY_BUDGET_MB", "0")]), &json!({})).unwrap();
+        let s = load(
+            None,
+            env(&[("INFL8_LIMITS__MEMORY_BUDGET_MB", "0")]),
+            &json!({}),
+        )
+        .unwrap();
         assert_eq!(s.limits.read_limits().memory_budget_bytes, 0);
     }
 
@@ -760,9 +765,13 @@ mod tests {
         )
         .unwrap();
         assert!(s.plugins.allow_insecure_permissions);
-        let e = load(None, env(&[]), &json!({"plugins": {"allow_insecure": true}}))
-            .unwrap_err()
-            .to_string();
+        let e = load(
+            None,
+            env(&[]),
+            &json!({"plugins": {"allow_insecure": true}}),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("plugins.allow_insecure: unknown key"), "{e}");
     }
 

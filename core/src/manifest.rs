@@ -513,8 +513,14 @@ mod tests {
         let p = Path::new("m.onnx.json");
         Manifest::from_json(good, p, "sidecar").unwrap();
         for (bad, key) in [
-            (good.replacen("\"labels\"", "\"lables\":[],\"labels\"", 1), "lables"),
-            (good.replacen("\"roi\"", "\"overlapp\":0.9,\"roi\"", 1), "overlapp"),
+            (
+                good.replacen("\"labels\"", "\"lables\":[],\"labels\"", 1),
+                "lables",
+            ),
+            (
+                good.replacen("\"roi\"", "\"overlapp\":0.9,\"roi\"", 1),
+                "overlapp",
+            ),
             (
                 r#"{"input_channels":1,"labels":["b","h"],
                    "inference":{"kind":"slab","depth":3,"roi":[1,2]}}"#
@@ -526,7 +532,9 @@ mod tests {
                 "spacing",
             ),
         ] {
-            let e = Manifest::from_json(&bad, p, "sidecar").unwrap_err().to_string();
+            let e = Manifest::from_json(&bad, p, "sidecar")
+                .unwrap_err()
+                .to_string();
             assert!(
                 e.contains(&format!("unknown field `{key}`")) && e.contains("m.onnx.json"),
                 "{bad}: {e}"

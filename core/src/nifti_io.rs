@@ -14,9 +14,11 @@
 //! error never leaves a partial segmentation where a consumer might pick it
 //! up.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use flate2::Compression;
 use flate2::bufread::GzDecoder;
@@ -370,16 +372,16 @@ fn read_volume_from<R: BufRead>(
         let head = buffered.fill_buf().map_err(io_err(path, "read"))?;
         head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b
     };
+    // How much the gzip stream may inflate to: unknown until the header
+    // gives vox_offset, then the header, extensions and max_input_bytes.
+    let inflate_limit = Rc::new(Cell::new(u64::MAX));
     let mut src: Box<dyn Read + '_> = if gz {
         // A gzip bomb is stopped while it inflates, not after.
-        let max = match limits.max_input_bytes {
-            0 => u64::MAX,
-            m => m,
-        };
         Box::new(CappedInflate {
             inner: GzMembers::new(buffered),
-            left: max,
-            max,
+            seen: 0,
+            limit: inflate_limit.clone(),
+            max: limits.max_input_bytes,
         })
     } else {
         Box::new(buffered)
@@ -390,6 +392,9 @@ fn read_volume_from<R: BufRead>(
         .map_err(|e| read_err(path, gz, "348-byte header", e))?;
     let header = parse_header(path, &raw_header)?;
     let layout = validate_header(path, &header, limits, file_len, gz)?;
+    if limits.max_input_bytes > 0 {
+        inflate_limit.set(layout.vox_offset.saturating_add(limits.max_input_bytes));
+    }
     let (affine, source) = header_affine(&header);
     if header.sform_code > 0 && source != AffineSource::Sform {
         tracing::warn!(
@@ -555,24 +560,27 @@ fn read_volume_from<R: BufRead>(
     })
 }
 
-/// Inflated bytes, refused once more than `max` (`limits.max_input_bytes`)
-/// came out: the header's declared size is checked before, this stops a
-/// stream that inflates past it while it streams.
+/// Inflated bytes, refused once more than `limit` came out (the header and
+/// extensions plus `limits.max_input_bytes` = `max`): the header's declared
+/// size is checked before, this stops a stream that inflates past it while
+/// it streams.
 struct CappedInflate<R> {
     inner: R,
-    left: u64,
+    seen: u64,
+    limit: Rc<Cell<u64>>,
     max: u64,
 }
 
 impl<R: Read> Read for CappedInflate<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
-            io::Error::other(format!(
-                "the gzip stream inflates past limits.max_input_bytes = {} bytes",
+        self.seen = self.seen.saturating_add(n as u64);
+        if self.seen > self.limit.get() {
+            return Err(io::Error::other(format!(
+                "the gzip stream inflates past limits.max_input_bytes = {} bytes of voxel data",
                 self.max
-            ))
-        })?;
+            )));
+        }
         Ok(n)
     }
 }
@@ -1738,7 +1746,10 @@ mod tests {
             ..ReadLimits::default()
         };
         let e = read_volume(&p, &tight).unwrap_err().to_string();
-        assert!(e.contains("(limits.max_voxels)") && !e.contains("ReadLimits"), "{e}");
+        assert!(
+            e.contains("(limits.max_voxels)") && !e.contains("ReadLimits"),
+            "{e}"
+        );
         let budget = ReadLimits {
             memory_budget_bytes: 95,
             ..ReadLimits::default()
@@ -1747,7 +1758,9 @@ mod tests {
         assert!(e.contains("limits.memory_budget_mb"), "{e}");
         vol.data[[0, 1, 1, 1]] = f32::NAN;
         write_volume(&p, &vol, DataType::F32).unwrap();
-        let e = read_volume(&p, &ReadLimits::default()).unwrap_err().to_string();
+        let e = read_volume(&p, &ReadLimits::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("limits.nonfinite = \"zero\"") && !e.contains("NonFinite::"),
             "{e}"
@@ -1774,9 +1787,10 @@ mod tests {
         assert!(fs::metadata(&bomb).unwrap().len() < 1 << 20);
         let e = read_volume(&bomb, &ReadLimits::default()).unwrap_err();
         assert!(e.to_string().contains("inflates to more than"), "{e}");
-        // A cap above the image: the stream is cut where it passes the cap.
+        // A cap above the voxel data: the stream is cut where it passes
+        // the header plus the cap.
         let capped = ReadLimits {
-            max_input_bytes: image.len() as u64 + 100,
+            max_input_bytes: image.len() as u64 - 352 + 100,
             ..ReadLimits::default()
         };
         let e = read_volume(&bomb, &capped).unwrap_err().to_string();

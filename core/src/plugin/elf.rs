@@ -174,11 +174,61 @@ pub(crate) fn check(path: &Path, symbol: &str) -> Result<(), ElfRefusal> {
             machine_name(machine)
         ));
     }
+    if let Some(why) = truncated(&mut file, len, &f, &head) {
+        return refuse(why);
+    }
     match exports(&mut file, len, &f, &head, symbol) {
         Some(false) => Err(ElfRefusal::NoEntry),
         // Exported, or no readable section headers: the loader decides.
         _ => Ok(()),
     }
+}
+
+/// Why the file is shorter than its headers say, if it is: the loader maps
+/// segments past the end of a cut file and the process dies of SIGBUS.
+fn truncated(file: &mut File, len: u64, f: &Fields, head: &[u8]) -> Option<String> {
+    let (phoff, phentsize, phnum) = if f.wide {
+        (f.u64(head, 32)?, f.u16(head, 54)?, f.u16(head, 56)?)
+    } else {
+        (f.u32(head, 28)?, f.u16(head, 42)?, f.u16(head, 44)?)
+    };
+    let (shoff, shentsize, shnum) = if f.wide {
+        (f.u64(head, 40)?, f.u16(head, 58)?, f.u16(head, 60)?)
+    } else {
+        (f.u32(head, 32)?, f.u16(head, 46)?, f.u16(head, 48)?)
+    };
+    let cut = |what: &str, end: u64| {
+        Some(format!(
+            "a truncated ELF file: it has {len} bytes, its {what} end at byte {end}"
+        ))
+    };
+    let ph_end = phoff.saturating_add(phentsize.saturating_mul(phnum));
+    if ph_end > len {
+        return cut("program headers", ph_end);
+    }
+    if shoff != 0 {
+        let sh_end = shoff.saturating_add(shentsize.saturating_mul(shnum));
+        if sh_end > len {
+            return cut("section headers", sh_end);
+        }
+    }
+    let min = if f.wide { 56 } else { 32 };
+    if phentsize < min {
+        return None;
+    }
+    let headers = read_at(file, len, phoff, phentsize * phnum)?;
+    for ph in headers.chunks_exact(usize::try_from(phentsize).ok()?) {
+        let (offset, filesz) = if f.wide {
+            (f.u64(ph, 8)?, f.u64(ph, 32)?)
+        } else {
+            (f.u32(ph, 4)?, f.u32(ph, 16)?)
+        };
+        let end = offset.saturating_add(filesz);
+        if end > len {
+            return cut("segments", end);
+        }
+    }
+    None
 }
 
 /// Whether the dynamic symbol table defines `symbol`; `None` when the file
@@ -268,16 +318,32 @@ mod tests {
     fn each_kind_of_wrong_file_gets_its_own_reason() {
         assert_eq!(refusal(b""), "the file is empty");
         let e = refusal(b"#!/bin/sh\necho hi\n");
-        assert!(e.starts_with("not an ELF shared library") && e.contains("23 21"), "{e}");
+        assert!(
+            e.starts_with("not an ELF shared library") && e.contains("23 21"),
+            "{e}"
+        );
         assert!(refusal(b"\x7fELF\x02").contains("truncated"));
+        // Cut short: the loader would map segments past the end (SIGBUS).
+        let mut whole = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        whole.truncate(whole.len() / 2);
+        let e = refusal(&whole);
+        assert!(e.starts_with("a truncated ELF file"), "{e}");
 
         let mut other_class = own_header();
-        other_class[4] = if cfg!(target_pointer_width = "64") { 1 } else { 2 };
+        other_class[4] = if cfg!(target_pointer_width = "64") {
+            1
+        } else {
+            2
+        };
         assert!(refusal(&other_class).contains("-bit ELF library"));
 
         let mut exe = own_header();
         let at = 16;
-        let v = if cfg!(target_endian = "big") { [0, 2] } else { [2, 0] };
+        let v = if cfg!(target_endian = "big") {
+            [0, 2]
+        } else {
+            [2, 0]
+        };
         exe[at..at + 2].copy_from_slice(&v);
         let e = refusal(&exe);
         assert!(e.contains("an executable"), "{e}");
@@ -285,11 +351,22 @@ mod tests {
         let mut other_machine = own_header();
         // A test binary is position-independent (ET_DYN) on this target;
         // make it one and give it a machine no build of infl8 runs on.
-        let dyn_ = if cfg!(target_endian = "big") { [0, 3] } else { [3, 0] };
+        let dyn_ = if cfg!(target_endian = "big") {
+            [0, 3]
+        } else {
+            [3, 0]
+        };
         other_machine[16..18].copy_from_slice(&dyn_);
-        let m = if cfg!(target_endian = "big") { [0, 8] } else { [8, 0] };
+        let m = if cfg!(target_endian = "big") {
+            [0, 8]
+        } else {
+            [8, 0]
+        };
         other_machine[18..20].copy_from_slice(&m);
         let e = refusal(&other_machine);
-        assert!(e.contains("built for mips") && e.contains("this infl8 runs on"), "{e}");
+        assert!(
+            e.contains("built for mips") && e.contains("this infl8 runs on"),
+            "{e}"
+        );
     }
 }

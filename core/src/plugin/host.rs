@@ -134,8 +134,13 @@ fn check_permissions(library: &Path, canonical: &Path) -> Result<(), PluginError
         .into_iter()
         .chain(dirs.into_iter().map(|d| ("the directory", d)));
     for (what, path) in checks {
-        let Some(path) = path.map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
-        else {
+        let Some(path) = path.map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        }) else {
             continue;
         };
         let Ok(meta) = std::fs::metadata(path) else {
