@@ -6,6 +6,7 @@ mod flags;
 mod journal;
 mod limits;
 mod plugin_check;
+mod plugins_cmd;
 mod watch;
 
 use std::process::ExitCode;
@@ -57,7 +58,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Segment(a) => commands::segment(*a),
         Command::Info(a) => commands::info(a),
-        Command::Plugins(a) => commands::plugins(a),
+        Command::Plugins(a) => plugins_cmd::plugins(a),
         Command::ExampleModel(a) => commands::example_model(a),
         Command::Plugin(c) => plugin_check::run(c),
         Command::Config(c) => config_check::run(c),
