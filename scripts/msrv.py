@@ -30,6 +30,7 @@ def main():
         check=True, capture_output=True, text=True).stdout)
     pkgs = {p["id"]: p for p in meta["packages"]}
     nodes = {n["id"]: n for n in meta["resolve"]["nodes"]}
+    members = sorted(meta["workspace_members"], key=lambda i: pkgs[i]["name"])
 
     def closure(root, with_dev):
         seen, stack, worst = set(), [(root, True)], ((0,), "")
@@ -39,7 +40,9 @@ def main():
                 continue
             seen.add(pid)
             p = pkgs[pid]
-            if pid != root:
+            # Workspace crates declare the number this computes: only
+            # external packages count.
+            if pid not in members:
                 v = version(p.get("rust_version"))
                 if v > worst[0]:
                     worst = (v, f'{p["name"]} {p["version"]}')
@@ -49,7 +52,6 @@ def main():
                     stack.append((dep["pkg"], False))
         return worst
 
-    members = sorted(meta["workspace_members"], key=lambda i: pkgs[i]["name"])
     rows = []
     for m in members:
         need, why = closure(m, False)
