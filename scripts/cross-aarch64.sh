@@ -7,9 +7,10 @@
 #   1. installs what is missing: the rustup target, and as root through
 #      apt-get gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, qemu-user-static
 #      (plus `file`);
-#   2. builds `infl8` (infl8-cli), infl8-core and the tract plugin for
-#      aarch64, and the ort plugin (built only: ONNX Runtime's aarch64
-#      library crashes under QEMU, so nothing of it runs here);
+#   2. builds what runs below for aarch64: `infl8` (infl8-cli) and the tract
+#      plugin; the ort plugin is only type-checked (`cargo check`: ONNX
+#      Runtime's aarch64 library crashes under QEMU, so nothing of it runs
+#      here, and linking it would cost minutes for nothing);
 #   3. runs infl8-core's tests under QEMU (the runner of .cargo/config.toml);
 #   4. runs one `infl8 segment` of a real T1 volume (an 8 mm axial slab of
 #      Colin27 through the ventricles, the whole volume with --full) with the
@@ -109,15 +110,15 @@ phase "toolchain"
 # --- 2. build --------------------------------------------------------------
 cargo_x() { cargo "$@" --target "$target" --target-dir "$target_dir" --profile "$profile"; }
 
-echo "== cargo build ($profile) for $target: infl8-cli, infl8-core, infl8-plugin-tract"
-cargo_x build -p infl8-cli -p infl8-core -p infl8-plugin-tract
-phase "build infl8, core, tract plugin"
-echo "== cargo build ($profile) for $target: infl8-plugin-ort (built, not run)"
-cargo_x build -p infl8-plugin-ort
-phase "build ort plugin"
+echo "== cargo build ($profile) for $target: infl8-cli, infl8-plugin-tract"
+cargo_x build --locked -p infl8-cli -p infl8-plugin-tract
+phase "build infl8, tract plugin"
+echo "== cargo check ($profile) for $target: infl8-plugin-ort (nothing of it runs here)"
+cargo_x check --locked -p infl8-plugin-ort
+phase "check ort plugin"
 
 infl8="$out_dir/infl8"
-for f in "$infl8" "$out_dir/libinfl8_tract.so" "$out_dir/libinfl8_ort.so"; do
+for f in "$infl8" "$out_dir/libinfl8_tract.so"; do
     desc=$(file -b "$f")
     echo "$f: $desc"
     case $desc in
@@ -128,7 +129,7 @@ done
 
 # --- 3. infl8-core's tests under QEMU ------------------------------------
 echo "== cargo test -p infl8-core --target $target (under qemu-aarch64-static)"
-cargo_x test -p infl8-core
+cargo_x test --locked -p infl8-core
 phase "infl8-core tests (qemu)"
 
 # --- 4. a real volume on the aarch64 binary -------------------------------
@@ -169,10 +170,11 @@ PY
     what="Colin27, axial slices 88..95"
 fi
 
-# The x86_64 reference: the host build of the same sources (what
-# scripts/test.sh built already, so normally nothing is compiled here).
+# The x86_64 reference: the host build of the same sources. The very command
+# of scripts/test.sh (same packages, targets and so features), so after the
+# suite nothing is compiled again here.
 echo "== x86_64 reference: infl8 segment on the host build"
-cargo build -p infl8-cli -p infl8-plugin-tract
+cargo build --locked --workspace --all-targets
 t=$(now)
 RUST_LOG=warn "${CARGO_TARGET_DIR:-target}/debug/infl8" segment --model "$model" --input "$input" \
     --output "$work/x86_64.nii.gz"

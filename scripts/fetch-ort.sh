@@ -7,11 +7,16 @@
 #                            libraries, from `onnxruntime-gpu` (with --gpu;
 #                            x86_64 only: PyPI has no aarch64 GPU wheel, use
 #                            JetPack's ONNX Runtime on Jetson)
-# Prints the path of libonnxruntime.so on stdout (the value for
-# ORT_DYLIB_PATH; the last one fetched). Only the package registry is
-# contacted (pip download --no-deps); wheels are checked against the SHA-256
-# sums below. Idempotent; each folder is replaced atomically (a symlink to a
-# versioned folder), so a reader never sees half a library.
+# and installs the last one fetched (the GPU build with --gpu) where the ort
+# plugin finds it without any setting: the per-user data folder
+#   ${XDG_DATA_HOME:-~/.local/share}/infl8/onnxruntime/
+# (unless --no-install; docs/ort.md gives the plugin's whole search order).
+# Prints the path of the installed libonnxruntime.so on stdout (or, with
+# --no-install, of the fetched one: a value for ORT_DYLIB_PATH). Only the
+# package registry is contacted (pip download --no-deps); wheels are checked
+# against the SHA-256 sums below. Idempotent; each folder is replaced
+# atomically (a symlink to a versioned folder), so a reader never sees half
+# a library. INFL8_ORT_CACHE overrides .cache/onnxruntime (tests).
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -25,15 +30,17 @@ declare -A WHEEL_SHA256=(
 )
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-cache="$root/.cache/onnxruntime"
+cache=${INFL8_ORT_CACHE:-$root/.cache/onnxruntime}
 python=${PYTHON:-python3}
 want_cpu=1
 want_gpu=0
+install=1
 for arg in "$@"; do
   case "$arg" in
     --gpu) want_gpu=1 ;;
     --gpu-only) want_gpu=1; want_cpu=0 ;;
-    -h|--help) sed -n '2,15p' "$0"; echo "usage: $0 [--gpu | --gpu-only]"; exit 0 ;;
+    --no-install) install=0 ;;
+    -h|--help) sed -n '2,22p' "$0"; echo "usage: $0 [--gpu | --gpu-only] [--no-install]"; exit 0 ;;
     *) echo "fetch-ort: unknown argument $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -116,8 +123,38 @@ PY
   echo "$link/libonnxruntime.so"
 }
 
+# publish SRC-DIR DEST: DEST becomes a symlink to a versioned copy of
+# SRC-DIR beside it, switched atomically; older copies are removed.
+publish() {
+  local src=$1 dest=$2
+  local real
+  real="$dest-$(basename "$(readlink -f "$src")")"
+  mkdir -p "$(dirname "$dest")"
+  if [ ! -f "$real/.complete" ]; then
+    rm -rf "$real.part"
+    cp -a "$(readlink -f "$src")" "$real.part"
+    rm -rf "$real"
+    mv "$real.part" "$real"
+  fi
+  ln -sfn "$(basename "$real")" "$dest.tmp.$$"
+  mv -T "$dest.tmp.$$" "$dest"
+  for old in "$dest"-*; do
+    [ "$old" = "$real" ] || [ ! -d "$old" ] || rm -rf "$old"
+  done
+}
+
 lib=""
 if [ $want_cpu = 1 ]; then lib=$(fetch cpu onnxruntime); fi
 if [ $want_gpu = 1 ]; then lib=$(fetch gpu onnxruntime-gpu); fi
-echo "fetch-ort: ok (ONNX Runtime $ORT_VERSION; export ORT_DYLIB_PATH=$lib)" >&2
+if [ $install = 1 ]; then
+  # Where the plugin looks (runtime.rs): a relative XDG_DATA_HOME is ignored.
+  data=${XDG_DATA_HOME:-}
+  case "$data" in /*) ;; *) data="${HOME:?HOME is not set}/.local/share" ;; esac
+  publish "$(dirname "$lib")" "$data/infl8/onnxruntime"
+  lib="$data/infl8/onnxruntime/libonnxruntime.so"
+  echo "fetch-ort: ok (ONNX Runtime $ORT_VERSION installed into $(dirname "$lib");" \
+       "the ort plugin finds it there, no setting needed)" >&2
+else
+  echo "fetch-ort: ok (ONNX Runtime $ORT_VERSION; export ORT_DYLIB_PATH=$lib)" >&2
+fi
 echo "$lib"

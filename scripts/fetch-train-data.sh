@@ -18,10 +18,13 @@
 #   --no-deb     leave out the Debian sources (machines without apt-get/dpkg-deb)
 # Every file is checked against scripts/train-data.sha256. Re-running is cheap:
 # nothing is downloaded, extracted or rewritten that is already there and valid.
+# Debian drops old point releases from its archive, so a .deb is taken in
+# whichever version apt-get offers: the files extracted from it must match
+# their pinned sha256 (the package's own checksum is not required to).
 # See docs/data.md for the cases, how each mask was made, and the licences.
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache="$root/.cache"
 train="$cache/train-data"
 raw="$train/raw"
@@ -33,18 +36,13 @@ for arg in "$@"; do
     --force) force=1 ;;
     --head-only) head_only=1 ;;
     --no-deb) no_deb=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "fetch-train-data.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
   esac
 done
 
 say() { echo "fetch-train-data: $*" >&2; }
 die() { echo "fetch-train-data: ERROR: $*" >&2; exit 1; }
-
-start=$(date +%s)
-mkdir -p "$cache/wheels" "$cache/debs" "$raw"
-command -v sha256sum >/dev/null || die "sha256sum not found (coreutils)"
-[ -s "$sums" ] || die "missing $sums"
 
 # pinned PATH: the sha256 that scripts/train-data.sha256 gives for PATH
 # (relative to .cache/).
@@ -54,12 +52,13 @@ pinned() {
   [ -n "$sum" ] || die "no sha256 pinned for $1 in scripts/train-data.sha256"
   echo "$sum"
 }
-# verify PATH: the file under .cache/ exists and has its pinned sha256.
+# verify PATH [FILE]: FILE (default: PATH under .cache/) exists and has the
+# sha256 pinned for PATH.
 verify() {
-  local want got
+  local want got file=${2:-$cache/$1}
   want=$(pinned "$1")
-  [ -f "$cache/$1" ] || return 1
-  got=$(sha256sum "$cache/$1" | cut -d' ' -f1)
+  [ -f "$file" ] || return 1
+  got=$(sha256sum "$file" | cut -d' ' -f1)
   [ "$got" = "$want" ]
 }
 # all_present PREFIX MEMBER...: every member is extracted and valid.
@@ -119,51 +118,77 @@ PY
 }
 
 # deb NAME=VERSION MEMBER...: extract members (paths without the leading ./)
-# of a Debian package into raw/NAME-VERSION/.
+# of a Debian package into raw/NAME-VERSION/, VERSION being the one the files
+# were pinned from. The package may be any version apt-get offers (a cached
+# one first): what must match scripts/train-data.sha256 is the members.
 deb() {
   local spec=$1; shift
   local name=${spec%%=*} ver=${spec#*=}
-  local prefix="$name-$ver" file
-  file=$(awk -v p="debs/${name}_" 'index($2, p) == 1 { print $2 }' "$sums" | head -1)
-  [ -n "$file" ] || die "no .deb of $spec pinned in scripts/train-data.sha256"
+  local prefix="$name-$ver" pkg m
   if all_present "$prefix" "$@"; then
-    used_bytes=$((used_bytes + $(stat -c %s "$cache/$file" 2>/dev/null || echo 0)))
+    pkg=$(ls "$cache/debs/${name}_"*.deb 2>/dev/null | head -1 || true)
+    used_bytes=$((used_bytes + $(stat -c %s "$pkg" 2>/dev/null || echo 0)))
     say "$spec: files present"
     return 0
   fi
   command -v dpkg-deb >/dev/null ||
     die "dpkg-deb not found: the Debian sources need a Debian-based machine (or pass --no-deb)"
-  if ! verify "$file"; then
-    rm -f "$cache/$file"
+  pkg=$(ls "$cache/debs/${name}_"*.deb 2>/dev/null | head -1 || true)
+  if [ -z "$pkg" ] || ! deb_extract "$pkg" "$prefix" "$@"; then
     command -v apt-get >/dev/null ||
       die "apt-get not found: the Debian sources need a Debian-based machine (or pass --no-deb)"
-    say "apt-get download $spec"
+    local dl="$cache/debs/.download"
+    rm -rf "$dl" && mkdir -p "$dl"
+    say "apt-get download $name (any version; $ver is the one pinned)"
     # A fresh machine may have no package lists yet: as root, fetch them once.
-    (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$spec" >&2) || {
+    (cd "$dl" && apt-get download -q -o APT::Sandbox::User=root "$name" >&2) || {
       [ "$(id -u)" = 0 ] && say "apt-get update (package lists missing or stale)" &&
         apt-get update -q >&2 &&
-        (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$spec" >&2)
-    } ||
-      die "could not download $spec with apt-get (run 'apt-get update' first; if that
-  version has left the Debian archive, pin the new one in scripts/train-data.sha256)"
-    [ -f "$cache/$file" ] || die "apt-get downloaded $spec, but not $(basename "$file")"
-    verify "$file" || die "$file: sha256 differs from the pinned one; refusing to use it"
-    downloaded=$((downloaded + $(stat -c %s "$cache/$file")))
+        (cd "$dl" && apt-get download -q -o APT::Sandbox::User=root "$name" >&2)
+    } || die "could not download $name with apt-get (run 'apt-get update' first)"
+    pkg=$(ls "$dl/${name}_"*.deb 2>/dev/null | head -1 || true)
+    [ -n "$pkg" ] || die "apt-get download $name produced no ${name}_*.deb"
+    downloaded=$((downloaded + $(stat -c %s "$pkg")))
+    deb_extract "$pkg" "$prefix" "$@" ||
+      die "$(basename "$pkg"): $deb_bad differs from the file pinned from $name $ver" \
+          "(sha256 in scripts/train-data.sha256): the package's files changed, not only" \
+          "its version. Check the new files (docs/data.md) and pin their sha256."
+    rm -f "$cache/debs/${name}_"*.deb
+    mv -f "$pkg" "$cache/debs/"
+    rm -rf "$dl"
+    pkg="$cache/debs/$(basename "$pkg")"
   fi
-  used_bytes=$((used_bytes + $(stat -c %s "$cache/$file")))
-  mkdir -p "$raw/$prefix"
-  local tmp="$raw/.$prefix.part"
+  used_bytes=$((used_bytes + $(stat -c %s "$pkg")))
+  say "$spec: extracted $# files from $(basename "$pkg")"
+}
+
+# deb_extract DEB PREFIX MEMBER...: extract the members into raw/PREFIX/ if
+# every one has its pinned sha256; else set deb_bad to the first that does
+# not, leave raw/ alone and fail.
+deb_extract() {
+  local pkg=$1 prefix=$2; shift 2
+  local tmp="$raw/.$prefix.part" m
   rm -rf "$tmp" && mkdir -p "$tmp"
-  dpkg-deb --fsys-tarfile "$cache/$file" |
-    tar -x -C "$tmp" $(printf './%s ' "$@") || die "could not extract from $file"
+  deb_bad="(extraction)"
+  dpkg-deb --fsys-tarfile "$pkg" | tar -x -C "$tmp" $(printf './%s ' "$@") 2>/dev/null || {
+    rm -rf "$tmp"; return 1; }
+  for m in "$@"; do
+    verify "train-data/raw/$prefix/$m" "$tmp/$m" || { deb_bad=$m; rm -rf "$tmp"; return 1; }
+  done
   for m in "$@"; do
     mkdir -p "$(dirname "$raw/$prefix/$m")"
     mv -f "$tmp/$m" "$raw/$prefix/$m"
   done
   rm -rf "$tmp"
-  check_extracted "$prefix" "$@"
-  say "$spec: extracted $# files"
 }
+
+# Sourced (scripts/tests/fetch-deb.sh): the functions only.
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then return 0; fi
+
+start=$(date +%s)
+mkdir -p "$cache/wheels" "$cache/debs" "$raw"
+command -v sha256sum >/dev/null || die "sha256sum not found (coreutils)"
+[ -s "$sums" ] || die "missing $sums"
 
 # --- the sources (versions and member paths; docs/data.md explains each) ----
 wheel nimare==0.22.1 \

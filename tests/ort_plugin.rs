@@ -439,3 +439,118 @@ fn a_profile_names_the_chain_and_the_library() {
         assert!(text.contains(b), "{text}");
     }
 }
+
+/// `infl8 ARGS` with no `ORT_DYLIB_PATH` and the per-user data folder at
+/// `data` (`HOME` too, so nothing of this machine's user leaks in).
+fn infl8_without_env(args: &[&str], data: &Path) -> std::process::Output {
+    std::process::Command::new(infl8_suite::bin("infl8"))
+        .args(args)
+        .env("INFL8_PLUGIN_DIRS", infl8_suite::target_dir())
+        .env("RUST_LOG", "warn")
+        .env_remove("ORT_DYLIB_PATH")
+        .env("XDG_DATA_HOME", data)
+        .env("HOME", data)
+        .output()
+        .expect("run infl8")
+}
+
+/// Where `scripts/fetch-ort.sh` installs ONNX Runtime, the ort plugin finds
+/// it with no setting at all; without it, ort-cpu is reported as unable to
+/// run here, naming the folders searched.
+#[test]
+fn ort_cpu_finds_onnx_runtime_in_the_user_data_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = example_model(dir.path(), 32);
+    let segment = |data: &Path, out: &Path| {
+        infl8_without_env(
+            &[
+                "segment",
+                "--model",
+                s(&model),
+                "--input",
+                s(&t1_2mm()),
+                "--output",
+                s(out),
+                "--backend",
+                "ort-cpu",
+            ],
+            data,
+        )
+    };
+
+    // Nothing installed: a clear error, and `infl8 plugins` says why.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = dir.path().join("none.nii.gz");
+    let err = failed_cleanly(&segment(&empty, &out), &out);
+    let searched = empty.join("infl8/onnxruntime");
+    assert!(
+        err.contains("unavailable on this machine")
+            && err.contains(s(&searched))
+            && err.contains("fetch-ort.sh"),
+        "{err}"
+    );
+    let listing = ok(&infl8_without_env(&["plugins"], &empty));
+    let row = |name: &str| {
+        listing
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} row in:\n{listing}"))
+            .to_owned()
+    };
+    assert_eq!(
+        row("ort-cpu").split_whitespace().nth(2),
+        Some("no"),
+        "{listing}"
+    );
+    assert_eq!(
+        row("tract").split_whitespace().nth(2),
+        Some("yes"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("unavailable: ort-cpu: cannot load ONNX Runtime"),
+        "{listing}"
+    );
+
+    // The layout fetch-ort.sh makes: infl8/onnxruntime -> a versioned copy.
+    let data = dir.path().join("data");
+    let versioned = data.join("infl8/onnxruntime-test");
+    std::fs::create_dir_all(&versioned).unwrap();
+    for f in ["libonnxruntime.so", "libonnxruntime_providers_shared.so"] {
+        let src = ort_library().with_file_name(f);
+        std::os::unix::fs::symlink(src.canonicalize().unwrap(), versioned.join(f)).unwrap();
+    }
+    std::os::unix::fs::symlink("onnxruntime-test", data.join("infl8/onnxruntime")).unwrap();
+    let out = dir.path().join("ort.nii.gz");
+    ok(&segment(&data, &out));
+    let tract = dir.path().join("tract.nii.gz");
+    ok(&infl8(&[
+        "segment",
+        "--model",
+        s(&model),
+        "--input",
+        s(&t1_2mm()),
+        "--output",
+        s(&tract),
+    ]));
+    let limits = ReadLimits::default();
+    let (a, b) = (
+        nifti_io::read_volume(&out, &limits).unwrap(),
+        nifti_io::read_volume(&tract, &limits).unwrap(),
+    );
+    assert_eq!(a.data, b.data, "ort-cpu and tract labels differ");
+    let listing = ok(&infl8_without_env(&["plugins"], &data));
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("ort-cpu") && l.split_whitespace().nth(2) == Some("yes")),
+        "{listing}"
+    );
+    // The GPU backends cannot run on this CPU build, and say why.
+    assert!(
+        listing.contains("unavailable: ort-cuda: ")
+            && listing.contains("has no CUDAExecutionProvider"),
+        "{listing}"
+    );
+}

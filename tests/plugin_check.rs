@@ -1,7 +1,9 @@
 //! `infl8 plugin check` (the conformance kit) on real plugin libraries: the
-//! shipped tract and ort plugins pass; plugins that panic, return errors,
-//! hand back inconsistent tensors, speak another ABI, abort the process or
-//! hang fail the right checks, and the kit itself survives every one of them.
+//! shipped tract and ort plugins pass (the ort GPU backends skipped as unable
+//! to run on this CPU machine, or failed with `--require-all`); plugins that
+//! panic, return errors, hand back inconsistent tensors, speak another ABI,
+//! abort the process or hang fail the right checks, and the kit itself
+//! survives every one of them.
 
 use std::process::Output;
 
@@ -49,27 +51,97 @@ fn tract_plugin_conforms() {
     assert_eq!(r["conforms"], true);
     // 7 library checks + 11 for the one backend.
     assert_eq!(r["passed"], 18, "{out}");
+    // tract's numbers are checked against the kit's own evaluator, not
+    // against tract.
+    let row = row(&out, "tract", "run batch N vs reference");
+    assert!(
+        row.starts_with("pass") && row.contains("max |diff| from the reference"),
+        "{row}"
+    );
 }
 
+/// On this CPU machine the whole ort library conforms: ort-cpu passes, the
+/// GPU backends are skipped with the reason their load gives
+/// (`INFL8_UNAVAILABLE`), and `--require-all` turns those skips into
+/// failures.
 #[test]
-fn ort_cpu_backend_conforms() {
+fn ort_library_conforms_with_gpu_backends_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("r.json");
     let lib = plugin_lib("infl8_ort");
-    let o = infl8_ort(&["plugin", "check", s(&lib), "--backend", "ort-cpu"]);
+    let o = infl8_ort(&["plugin", "check", s(&lib), "--json", s(&report)]);
     let out = stdout(&o);
     assert!(
         o.status.success(),
         "{out}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    assert!(out.contains(": conforms"), "{out}");
     for check in [
-        "run batch N vs tract",
+        "run batch N vs reference",
         "concurrent runs",
         "invalid arguments refused",
     ] {
         assert_eq!(verdict(&out, "ort-cpu", check), "pass", "{out}");
     }
-    // The GPU backends are listed, not checked, on a machine without a GPU.
-    assert_eq!(verdict(&out, "ort-cuda", "backend checks"), "skip", "{out}");
+    for (backend, ep) in [
+        ("ort-cuda", "CUDAExecutionProvider"),
+        ("ort-tensorrt", "TensorrtExecutionProvider"),
+    ] {
+        let r = row(&out, backend, "backend checks");
+        assert!(
+            r.starts_with("skip")
+                && r.contains("SKIPPED: cannot run on this machine")
+                && r.contains(&format!("has no {ep}")),
+            "{r}"
+        );
+    }
+    let r = json(&report);
+    assert_eq!(
+        (r["failed"].as_u64(), r["skipped"].as_u64()),
+        (Some(0), Some(2)),
+        "{out}"
+    );
+
+    let o = infl8_ort(&["plugin", "check", s(&lib), "--require-all"]);
+    let out = stdout(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(out.contains("DOES NOT CONFORM"), "{out}");
+    let r = row(&out, "ort-cuda", "backend checks");
+    assert!(
+        r.starts_with("FAIL") && r.contains("cannot run on this machine (--require-all)"),
+        "{r}"
+    );
+    assert_eq!(verdict(&out, "ort-cpu", "concurrent runs"), "pass", "{out}");
+}
+
+/// With no ONNX Runtime anywhere, nothing of the ort library can run: every
+/// backend is skipped, and a library none of whose backends ran does not
+/// conform (skips prove nothing).
+#[test]
+fn a_library_none_of_whose_backends_can_run_does_not_conform() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = plugin_lib("infl8_ort");
+    let o = std::process::Command::new(infl8_suite::bin("infl8"))
+        .args(["plugin", "check", s(&lib)])
+        .env("INFL8_PLUGIN_DIRS", infl8_suite::target_dir())
+        .env_remove("ORT_DYLIB_PATH")
+        .env("XDG_DATA_HOME", dir.path())
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    assert!(!o.status.success(), "{out}");
+    let r = row(&out, "ort-cpu", "backend checks");
+    assert!(
+        r.starts_with("skip") && r.contains("cannot load ONNX Runtime"),
+        "{r}"
+    );
+    assert!(
+        out.contains("note: no backend of this library ran its checks here")
+            && out.contains("DOES NOT CONFORM"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use infl8_core::backend::{BackendError, Dim, LoadOptions};
+use infl8_core::plugin::abi::{INFL8_ABI_VERSION, version_string};
 use infl8_core::plugin::{PluginError, PluginHost};
 
 /// `target/<profile>`, derived from this test's executable
@@ -217,7 +218,7 @@ fn tract_plugin_runs_conv3d() {
         .load_library(tract_library())
         .expect("load tract plugin");
     assert_eq!(summary.plugin, "tract");
-    assert_eq!(summary.abi, "1.0");
+    assert_eq!(summary.abi, version_string(INFL8_ABI_VERSION));
     assert_eq!(summary.backends, ["tract"]);
     for threads in [1, 3] {
         check_tract(&host, threads);
@@ -327,7 +328,8 @@ fn future_abi_is_refused_and_host_keeps_running() {
     assert!(matches!(e, PluginError::AbiMismatch { .. }), "{e:?}");
     let text = e.to_string();
     let file = future.file_name().unwrap().to_string_lossy().into_owned();
-    for needle in [file.as_str(), "future-abi", "99.0.0", "ABI 99.0", "ABI 1.0"] {
+    let host_abi = format!("ABI {}", version_string(INFL8_ABI_VERSION));
+    for needle in [file.as_str(), "future-abi", "99.0.0", "ABI 99.0", &host_abi] {
         assert!(text.contains(needle), "{needle:?} missing from: {text}");
     }
     assert!(host.backends().is_empty());

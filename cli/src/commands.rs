@@ -17,7 +17,7 @@ use infl8_core::segment::{SegmentReport, Segmenter};
 use infl8_core::{Backend, Model};
 use tracing::{error, info, warn};
 
-use crate::flags::{ExampleModelArgs, InfoArgs, PluginsArgs, RuntimeArgs, SegmentArgs};
+use crate::flags::{ExampleModelArgs, InfoArgs, RuntimeArgs, SegmentArgs};
 use crate::limits::{Deadline, DeadlineModel};
 
 pub(crate) fn settings_for(runtime: &RuntimeArgs, layer: &serde_json::Value) -> Result<Settings> {
@@ -25,7 +25,7 @@ pub(crate) fn settings_for(runtime: &RuntimeArgs, layer: &serde_json::Value) -> 
 }
 
 /// A plugin host with the settings' directories and permission rule.
-fn new_host(settings: &Settings) -> PluginHost {
+pub(crate) fn new_host(settings: &Settings) -> PluginHost {
     PluginHost::new(settings.plugin_dirs.clone())
         .allow_insecure_permissions(settings.plugins.allow_insecure_permissions)
 }
@@ -582,47 +582,6 @@ fn window_shape(
             Ok(head.into_iter().chain(xy).collect())
         }
     }
-}
-
-pub fn plugins(a: PluginsArgs) -> Result<ExitCode> {
-    let settings = settings_for(&a.runtime, &serde_json::Value::Object(a.runtime.layer()))?;
-    let mut host = new_host(&settings);
-    let found = host.discover();
-    let backends = host.backends();
-    println!(
-        "{:<16} {:<10} {:<44} LIBRARY",
-        "BACKEND", "VERSION", "DESCRIPTION"
-    );
-    for b in &backends {
-        println!(
-            "{:<16} {:<10} {:<44} {}",
-            b.name,
-            b.version,
-            b.description,
-            b.library.display()
-        );
-    }
-    let mut refused = 0;
-    for (path, r) in &found {
-        if let Err(e) = r {
-            refused += 1;
-            println!("refused: {}: {e}", path.display());
-        }
-    }
-    let dirs: Vec<String> = host
-        .search_dirs()
-        .iter()
-        .map(|d| d.display().to_string())
-        .collect();
-    println!("searched: {}", dirs.join(", "));
-    if backends.is_empty() {
-        eprintln!("no backend plugins found (build them with `cargo build --release --workspace`)");
-        return Ok(ExitCode::FAILURE);
-    }
-    if refused > 0 {
-        warn!("{refused} librar(y/ies) refused");
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The example model's manifest: T1 MRI, percentile window, 64^3 windows.

@@ -5,6 +5,7 @@ mod config_check;
 mod flags;
 mod limits;
 mod plugin_check;
+mod plugins_cmd;
 mod watch;
 
 use std::process::ExitCode;
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Segment(a) => commands::segment(*a),
         Command::Info(a) => commands::info(a),
-        Command::Plugins(a) => commands::plugins(a),
+        Command::Plugins(a) => plugins_cmd::plugins(a),
         Command::ExampleModel(a) => commands::example_model(a),
         Command::Plugin(c) => plugin_check::run(c),
         Command::Config(c) => config_check::run(c),

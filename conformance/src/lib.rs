@@ -1,8 +1,13 @@
 //! The conformance kit behind `infl8 plugin check`: calls a plugin library
 //! through the raw C ABI and checks what every backend plugin must do —
 //! versions and struct sizes, metadata, a reference model's numbers against
-//! the tract backend at batch 1 and N, refusals (bad model file, wrong input
-//! shape, invalid arguments), the error-buffer contract and concurrent runs.
+//! the kit's own evaluator ([`reference`]) at batch 1 and N, refusals (bad
+//! model file, wrong input shape, invalid arguments), the error-buffer
+//! contract and concurrent runs.
+//!
+//! A backend whose `model_load` answers `INFL8_UNAVAILABLE` (it cannot run
+//! on this machine: no GPU, no runtime library) is skipped with that reason,
+//! or failed when [`Options::require_all`] is set.
 //!
 //! [`run`] executes the checks in this process and reports each one through
 //! a callback as it starts and ends. A plugin can crash its host, so the
@@ -12,14 +17,12 @@
 //! check needs, which run again (silently) in a resumed child.
 
 pub mod raw;
+pub mod reference;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use infl8_core::Backend;
 use infl8_core::backend::LoadOptions;
 use infl8_core::config;
-use infl8_core::plugin::PluginHost;
 use infl8_core::plugin::abi::*;
 use serde::{Deserialize, Serialize};
 
@@ -27,8 +30,6 @@ use raw::{Library, RawModel};
 
 /// Window of the reference model; small so the kit runs in seconds.
 pub const REFERENCE_ROI: [usize; 3] = [16, 16, 16];
-/// Name of the reference backend.
-pub const REFERENCE_BACKEND: &str = "tract";
 
 /// What to check, and how.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -36,11 +37,10 @@ pub struct Options {
     /// The plugin library under test.
     pub library: PathBuf,
     /// Backends to check; empty = all the library declares. Others are
-    /// reported as skipped (e.g. a GPU backend on a machine without one).
+    /// reported as skipped.
     pub backends: Vec<String>,
-    /// Library holding the reference `tract` backend; `None` = the plugin
-    /// directories of the settings and the executable's folder.
-    pub reference: Option<PathBuf>,
+    /// Fail, rather than skip, a backend that cannot run on this machine.
+    pub require_all: bool,
     /// Largest accepted |difference| from the reference output.
     pub tolerance: f32,
     /// Batch size of the batch-N run (at least 2).
@@ -59,7 +59,7 @@ impl Default for Options {
         Options {
             library: PathBuf::new(),
             backends: Vec::new(),
-            reference: None,
+            require_all: false,
             tolerance: 1e-4,
             batch: 3,
             threads: 4,
@@ -168,8 +168,9 @@ impl Runner<'_> {
         self.report(index, name, backend, &v);
     }
 
-    /// Reports a group of checks as skipped, in one row.
-    fn skip_all(&mut self, names: &[&str], backend: Option<&str>, why: &str) {
+    /// Reports a group of checks with one verdict, in one row (the row's
+    /// index is the group's first: a resumed process skips the group whole).
+    fn group(&mut self, names: &[&str], backend: Option<&str>, outcome: Outcome, why: &str) {
         let index = self.next;
         self.next += names.len();
         if index < self.start {
@@ -179,7 +180,7 @@ impl Runner<'_> {
             index,
             name: format!("all {} backend checks", names.len()),
             backend: backend.map(str::to_owned),
-            outcome: Outcome::Skip,
+            outcome,
             detail: why.into(),
         }));
     }
@@ -189,8 +190,8 @@ impl Runner<'_> {
 pub const BACKEND_CHECKS: &[&str] = &[
     "load reference model",
     "model io",
-    "run batch 1 vs tract",
-    "run batch N vs tract",
+    "run batch 1 vs reference",
+    "run batch N vs reference",
     "batch items independent",
     "missing model file refused",
     "corrupt model file refused",
@@ -251,7 +252,7 @@ fn run_all(opts: &Options, r: &mut Runner<'_>) {
     for (index, name) in backends.iter().enumerate() {
         let b = Some(name.as_str());
         if !opts.backends.is_empty() && !opts.backends.contains(name) {
-            r.skip_all(BACKEND_CHECKS, b, "not selected (--backend)");
+            r.group(BACKEND_CHECKS, b, Outcome::Skip, "not selected (--backend)");
             continue;
         }
         let ctx = match &ctx {
@@ -270,7 +271,7 @@ fn run_all(opts: &Options, r: &mut Runner<'_>) {
             options: options_json(&ctx.settings.load_options(name)),
             ctx,
         };
-        bk.run(r);
+        bk.run(r, opts.require_all);
     }
 }
 
@@ -465,7 +466,7 @@ fn check_abi_mismatch(lib: &Library) -> Verdict {
 }
 
 /// What every backend's checks share: the reference model, its inputs and
-/// the reference outputs from tract.
+/// the reference outputs.
 struct Context {
     settings: config::Settings,
     _dir: tempfile::TempDir,
@@ -477,7 +478,8 @@ struct Context {
     threads: usize,
     /// `batch` items of input, C order.
     input: Vec<f32>,
-    /// tract's output for `input`, or why there is none.
+    /// The kit's own output for `input` ([`reference::evaluate`]), or why
+    /// there is none.
     reference: Result<Vec<f32>, String>,
 }
 
@@ -500,7 +502,15 @@ impl Context {
             .map_err(|e| format!("cannot write {}: {e}", corrupt.display()))?;
         let batch = opts.batch.max(2);
         let input = infl8_onnx::examples::pseudo_random(batch * x * y * z, 7, 0.0, 1.0);
-        let reference = reference_output(opts, &settings, &model, &input, batch);
+        let reference = reference::evaluate(
+            &proto,
+            reference::Dense {
+                shape: vec![batch, 1, x, y, z],
+                data: input.clone(),
+            },
+        )
+        .map(|d| d.data)
+        .map_err(|e| e.to_string());
         Ok(Context {
             missing: dir.path().join("no-such-model.onnx"),
             settings,
@@ -530,37 +540,6 @@ impl Context {
     }
 }
 
-/// tract's output for the reference batch, through the ordinary host.
-fn reference_output(
-    opts: &Options,
-    settings: &config::Settings,
-    model: &Path,
-    input: &[f32],
-    batch: usize,
-) -> Result<Vec<f32>, String> {
-    let mut host = PluginHost::new(settings.plugin_dirs.clone());
-    match &opts.reference {
-        Some(lib) => {
-            host.load_library(lib)
-                .map_err(|e| format!("reference backend: {e}"))?;
-        }
-        None => {
-            host.discover();
-        }
-    }
-    let backend: Arc<dyn Backend> = host
-        .backend(REFERENCE_BACKEND)
-        .map_err(|e| format!("reference backend: {e} (give its library with --reference)"))?;
-    let m = backend
-        .load(model, &settings.load_options(REFERENCE_BACKEND))
-        .map_err(|e| format!("reference backend: {e}"))?;
-    let [x, y, z] = REFERENCE_ROI;
-    let out = m
-        .run(input, &[batch, 1, x, y, z])
-        .map_err(|e| format!("reference backend: {e}"))?;
-    Ok(out.into_vec())
-}
-
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
@@ -587,8 +566,26 @@ struct BackendUnderTest<'a> {
 unsafe impl Sync for BackendUnderTest<'_> {}
 
 impl BackendUnderTest<'_> {
-    fn run(&self, r: &mut Runner<'_>) {
+    fn run(&self, r: &mut Runner<'_>, require_all: bool) {
         let b = Some(self.name);
+        let first = r.next;
+        if r.start >= first + BACKEND_CHECKS.len() {
+            r.next += BACKEND_CHECKS.len();
+            return;
+        }
+        // The probe loads the model: a crash in it is blamed on the first
+        // check not reported yet, so a resumed process moves on.
+        let blamed = r.start.max(first);
+        r.started(blamed, BACKEND_CHECKS[blamed - first], b);
+        if let Some(why) = self.unavailable() {
+            let (outcome, verdict) = if require_all {
+                (Outcome::Fail, "cannot run on this machine (--require-all)")
+            } else {
+                (Outcome::Skip, "SKIPPED: cannot run on this machine")
+            };
+            r.group(BACKEND_CHECKS, b, outcome, &format!("{verdict}: {why}"));
+            return;
+        }
         let checks: [(&str, &dyn Fn() -> Verdict); 11] = [
             (BACKEND_CHECKS[0], &|| self.load_reference()),
             (BACKEND_CHECKS[1], &|| self.model_io()),
@@ -608,6 +605,15 @@ impl BackendUnderTest<'_> {
         ];
         for (name, f) in checks {
             r.check(name, b, f);
+        }
+    }
+
+    /// Why the backend cannot run here, if its load says so
+    /// (`INFL8_UNAVAILABLE`); any other answer is left to the checks.
+    fn unavailable(&self) -> Option<String> {
+        match RawModel::load(self.table, self.index, &self.ctx.model, &self.options) {
+            Err(s) if s.code == INFL8_UNAVAILABLE => Some(s.message),
+            _ => None,
         }
     }
 
@@ -681,12 +687,12 @@ impl BackendUnderTest<'_> {
         let d = max_abs_diff(&got.data, want);
         if d > self.ctx.tolerance {
             return Err(format!(
-                "max |diff| from tract {d:.3e} > tolerance {:.1e}",
+                "max |diff| from the reference {d:.3e} > tolerance {:.1e}",
                 self.ctx.tolerance
             ));
         }
         Ok(format!(
-            "shape {shape:?}, max |diff| from tract {d:.2e} (tolerance {:.0e})",
+            "shape {shape:?}, max |diff| from the reference {d:.2e} (tolerance {:.0e})",
             self.ctx.tolerance
         ))
     }
@@ -1081,7 +1087,7 @@ impl BackendUnderTest<'_> {
         }
         if worst > self.ctx.tolerance {
             return Err(format!(
-                "concurrent runs differ from tract by {worst:.3e} > {:.1e}",
+                "concurrent runs differ from the reference by {worst:.3e} > {:.1e}",
                 self.ctx.tolerance
             ));
         }

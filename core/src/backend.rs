@@ -17,6 +17,10 @@ pub enum BackendError {
     Shape { got: Vec<usize>, expected: String },
     #[error("backend panicked: {0}")]
     Panic(String),
+    /// The backend cannot run on this machine at all (no runtime library,
+    /// no GPU, no driver): not a fault of the model or of the plugin.
+    #[error("backend unavailable on this machine: {0}")]
+    Unavailable(String),
     #[error("{0}")]
     Other(String),
 }

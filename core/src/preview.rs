@@ -756,7 +756,7 @@ mod tests {
         write_preview_png(&path, &vol, labels.view(), &opts(1.0)).unwrap();
         let expected = render_preview(&vol, labels.view(), &opts(1.0)).unwrap();
 
-        let decoder = png::Decoder::new(io::BufReader::new(File::open(&path).unwrap()));
+        let decoder = png::Decoder::new(std::io::BufReader::new(File::open(&path).unwrap()));
         let mut reader = decoder.read_info().unwrap();
         let mut buf = vec![0; reader.output_buffer_size().unwrap()];
         let info = reader.next_frame(&mut buf).unwrap();

@@ -1,4 +1,4 @@
-//! The infl8 plugin C ABI, version 1.0.
+//! The infl8 plugin C ABI, version 1.1 (1.0 plus [`INFL8_UNAVAILABLE`]).
 //!
 //! Everything a plugin and the host exchange is declared here, as `#[repr(C)]`
 //! types, integer constants and `extern "C"` function-pointer types, so that a
@@ -89,8 +89,9 @@ use std::mem::{offset_of, size_of};
 
 /// Major version of this ABI: plugin and host majors must be equal.
 pub const INFL8_ABI_MAJOR: u32 = 1;
-/// Minor version of this ABI: a newer minor only appends fields.
-pub const INFL8_ABI_MINOR: u32 = 0;
+/// Minor version of this ABI: a newer minor only appends (fields, status
+/// codes). 1.1 added [`INFL8_UNAVAILABLE`].
+pub const INFL8_ABI_MINOR: u32 = 1;
 /// `(INFL8_ABI_MAJOR << 16) | INFL8_ABI_MINOR`.
 pub const INFL8_ABI_VERSION: u32 = (INFL8_ABI_MAJOR << 16) | INFL8_ABI_MINOR;
 
@@ -122,6 +123,12 @@ pub const INFL8_LOAD_FAILED: i32 = 6;
 pub const INFL8_SHAPE_MISMATCH: i32 = 7;
 /// Status: running the model failed.
 pub const INFL8_RUN_FAILED: i32 = 8;
+/// Status (ABI 1.1): the backend cannot run on this machine (its runtime
+/// library, GPU or driver is missing); the message says what is missing.
+/// Not a fault of the model or the plugin: `model_load` returns it before
+/// looking at the model's contents. A plugin answers a 1.0 host
+/// [`INFL8_LOAD_FAILED`] instead, which that host knows.
+pub const INFL8_UNAVAILABLE: i32 = 9;
 
 /// Log level: nothing (only as `Infl8HostApi::log_max_level`).
 pub const INFL8_LOG_OFF: u32 = 0;
@@ -419,6 +426,7 @@ pub fn status_name(status: i32) -> &'static str {
         INFL8_LOAD_FAILED => "LOAD_FAILED",
         INFL8_SHAPE_MISMATCH => "SHAPE_MISMATCH",
         INFL8_RUN_FAILED => "RUN_FAILED",
+        INFL8_UNAVAILABLE => "UNAVAILABLE",
         _ => "UNKNOWN_STATUS",
     }
 }
@@ -472,8 +480,8 @@ mod tests {
 
     #[test]
     fn versions_encode_and_decode() {
-        assert_eq!(INFL8_ABI_VERSION, 0x0001_0000);
-        assert_eq!(abi_version(1, 0), INFL8_ABI_VERSION);
+        assert_eq!(INFL8_ABI_VERSION, 0x0001_0001);
+        assert_eq!(abi_version(1, 1), INFL8_ABI_VERSION);
         assert_eq!(abi_major(abi_version(99, 7)), 99);
         assert_eq!(abi_minor(abi_version(99, 7)), 7);
         assert_eq!(version_string(abi_version(2, 3)), "2.3");
@@ -495,7 +503,7 @@ mod tests {
 
     #[test]
     fn status_names_cover_all_codes() {
-        for code in 0..=8 {
+        for code in 0..=9 {
             assert_ne!(status_name(code), "UNKNOWN_STATUS", "code {code}");
         }
         assert_eq!(status_name(42), "UNKNOWN_STATUS");

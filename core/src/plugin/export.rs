@@ -14,6 +14,7 @@ use std::fmt::Write as _;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::ptr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Once, OnceLock};
 
 use tracing::field::{Field, Visit};
@@ -100,6 +101,9 @@ pub struct PluginState {
     version: &'static str,
     make_backends: fn() -> Vec<Box<dyn Backend>>,
     built: OnceLock<Built>,
+    /// The ABI version of the host that last called the entry: status codes
+    /// newer than it are answered with the nearest older one it knows.
+    host_abi: AtomicU32,
 }
 
 impl PluginState {
@@ -113,6 +117,7 @@ impl PluginState {
             version,
             make_backends,
             built: OnceLock::new(),
+            host_abi: AtomicU32::new(INFL8_ABI_VERSION),
         }
     }
 
@@ -214,6 +219,7 @@ impl From<BackendError> for Failure {
             // The host knows the shape it passed: only what was expected crosses.
             BackendError::Shape { expected, .. } => (INFL8_SHAPE_MISMATCH, expected),
             BackendError::Panic(m) => (INFL8_PANIC, m),
+            BackendError::Unavailable(m) => (INFL8_UNAVAILABLE, m),
             BackendError::Other(m) => (INFL8_ERROR, m),
         };
         Failure { status, message }
@@ -313,6 +319,7 @@ pub unsafe fn entry<P: PluginExport>(
             // by contract, lives for the process.
             connect_logging(unsafe { &*host });
         }
+        state.host_abi.store(host_abi_version, Ordering::Relaxed);
         let built = state.built::<P>();
         // SAFETY: as above.
         unsafe { *out_table = &built.table };
@@ -387,8 +394,23 @@ unsafe extern "C" fn model_load<P: PluginExport>(
         unsafe { *out_model = Box::into_raw(boxed).cast::<Infl8Model>() };
         Ok(())
     });
+    let host_abi = P::state().host_abi.load(Ordering::Relaxed);
+    let result = result.map_err(|f| for_host(f, host_abi));
     // SAFETY: `err`/`err_cap` come from the caller as the ABI requires.
     unsafe { report(err, err_cap, result) }
+}
+
+/// A failure as a host of ABI `host_abi` understands it: a 1.0 host does not
+/// know `INFL8_UNAVAILABLE` (1.1), so it gets `INFL8_LOAD_FAILED`.
+fn for_host(f: Failure, host_abi: u32) -> Failure {
+    if f.status == INFL8_UNAVAILABLE && abi_minor(host_abi) < 1 {
+        Failure {
+            status: INFL8_LOAD_FAILED,
+            ..f
+        }
+    } else {
+        f
+    }
 }
 
 unsafe extern "C" fn model_free(model: *mut Infl8Model) -> i32 {
@@ -777,5 +799,29 @@ impl Visit for MessageText {
 
     fn record_str(&mut self, field: &Field, value: &str) {
         self.push(field, format_args!("{value}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_is_a_load_failure_for_a_1_0_host() {
+        let f = || Failure {
+            status: INFL8_UNAVAILABLE,
+            message: "no GPU".into(),
+        };
+        let old = for_host(f(), abi_version(1, 0));
+        assert_eq!(
+            (old.status, old.message.as_str()),
+            (INFL8_LOAD_FAILED, "no GPU")
+        );
+        assert_eq!(for_host(f(), abi_version(1, 1)).status, INFL8_UNAVAILABLE);
+        let run = Failure {
+            status: INFL8_RUN_FAILED,
+            message: String::new(),
+        };
+        assert_eq!(for_host(run, abi_version(1, 0)).status, INFL8_RUN_FAILED);
     }
 }

@@ -913,6 +913,7 @@ impl Backend for PluginBackend {
             let message = plugin_message(status, &err);
             return Err(match status {
                 INFL8_PANIC => BackendError::Panic(message),
+                INFL8_UNAVAILABLE => BackendError::Unavailable(message),
                 _ => load_error(message),
             });
         }

@@ -113,6 +113,9 @@ mod tests {
                     message: "no such file".into(),
                 });
             }
+            if model.as_os_str() == "needs-gpu.onnx" {
+                return Err(BackendError::Unavailable("no GPU here".into()));
+            }
             let factor = opts
                 .extra
                 .get("factor")
@@ -177,7 +180,7 @@ mod tests {
         let summary = unsafe { host.register_entry("<in-process>", infl8_plugin_entry) }.unwrap();
         assert_eq!(summary.plugin, "in-process");
         assert_eq!(summary.version, "9.8.7");
-        assert_eq!(summary.abi, "1.0");
+        assert_eq!(summary.abi, version_string(INFL8_ABI_VERSION));
         assert_eq!(summary.backends, ["double", "panic-load", "panic-run"]);
         host
     }
@@ -249,6 +252,16 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+
+        // "Cannot run here" crosses as its own kind, not as a load failure.
+        let e = double
+            .load(Path::new("needs-gpu.onnx"), &LoadOptions::default())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&e, BackendError::Unavailable(m) if m == "no GPU here"),
+            "{e:?}"
+        );
 
         let model = double
             .load(Path::new("m.onnx"), &LoadOptions::default())
@@ -528,7 +541,8 @@ mod tests {
             "{e:?}"
         );
         let text = e.to_string();
-        for needle in ["future.so", "broken 0.0.1", "ABI 99.0", "ABI 1.0"] {
+        let host_abi = format!("ABI {}", version_string(INFL8_ABI_VERSION));
+        for needle in ["future.so", "broken 0.0.1", "ABI 99.0", &host_abi] {
             assert!(text.contains(needle), "{needle:?} missing from: {text}");
         }
 

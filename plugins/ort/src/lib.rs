@@ -11,10 +11,13 @@
 //!   warning: they run the model's own precision).
 //!
 //! ONNX Runtime is loaded at run time (`load-dynamic`) from the `library`
-//! load option, `ORT_DYLIB_PATH`, or the system loader (see [`runtime`]).
+//! load option, `ORT_DYLIB_PATH`, `onnxruntime/` next to this library, the
+//! per-user data folder, or the system loader (see [`runtime`]).
 //! A missing library, a build without the requested execution provider or a
-//! provider that cannot start (missing CUDA libraries, no driver) is an
-//! error naming what is missing: these backends never quietly run on CPU.
+//! provider that cannot start (missing CUDA libraries, no driver) is a
+//! [`BackendError::Unavailable`] naming what is missing (the machine cannot
+//! run the backend; a broken library or model is a load error): these
+//! backends never quietly run on CPU.
 //! Falling back to another backend is the host's decision (the settings'
 //! backend chain).
 //!
@@ -181,7 +184,7 @@ impl OrtModel {
             return Err(err(format!("cannot read the model file: {e}")));
         }
         if !provider.compiled_in() {
-            return Err(err(format!(
+            return Err(BackendError::Unavailable(format!(
                 "{name}: this build of the ort plugin has no {} support (build infl8-plugin-ort \
                  with `--features {}`)",
                 provider.ep_name(),
@@ -189,9 +192,16 @@ impl OrtModel {
             )));
         }
         let request = LibraryRequest::from_env(options.library.as_deref());
-        let rt = runtime::runtime(&request).map_err(|e| err(format!("{name}: {e}")))?;
+        let rt = runtime::runtime(&request).map_err(|e| {
+            let message = format!("{name}: {e}");
+            if e.is_missing() {
+                BackendError::Unavailable(message)
+            } else {
+                err(message)
+            }
+        })?;
         if !rt.has_provider(provider.ep_name()) {
-            return Err(err(format!(
+            return Err(BackendError::Unavailable(format!(
                 "{name}: the ONNX Runtime at {} ({}) has no {} (it offers {}); use a GPU build \
                  of ONNX Runtime: `scripts/fetch-ort.sh --gpu` (onnxruntime-gpu, x86_64) or \
                  JetPack's on Jetson",
@@ -202,7 +212,7 @@ impl OrtModel {
             )));
         }
 
-        let session = build_session(path, provider, opts, &options, rt).map_err(err)?;
+        let session = build_session(path, provider, opts, &options, rt)?;
         let (input, output, batching) = describe_io(&session).map_err(err)?;
         let output_name = session
             .outputs()
@@ -359,12 +369,13 @@ fn build_session(
     opts: &LoadOptions,
     options: &OrtOptions,
     rt: &Runtime,
-) -> Result<Session, String> {
+) -> Result<Session, BackendError> {
     let name = provider.backend_name();
-    let setup =
-        |e: ort::Error<SessionBuilder>| format!("{name}: cannot configure the session: {e}");
+    let setup = |e: ort::Error<SessionBuilder>| {
+        load_error(path, format!("{name}: cannot configure the session: {e}"))
+    };
     let mut builder = Session::builder(&rt.env)
-        .map_err(|e| format!("{name}: cannot create a session: {e}"))?
+        .map_err(|e| load_error(path, format!("{name}: cannot create a session: {e}")))?
         .with_log_level(runtime::session_log_level())
         .map_err(setup)?
         // Only the providers registered below: never one ONNX Runtime
@@ -380,13 +391,22 @@ fn build_session(
     }
     if provider != Provider::Cpu {
         register_gpu(&mut builder, provider, options)
-            .map_err(|e| gpu_failure(provider, rt, "cannot register", &e))?;
+            .map_err(|e| gpu_failure(path, provider, rt, "cannot register", &e))?;
     }
     builder.commit_from_file(path).map_err(|e| {
         if provider == Provider::Cpu {
-            format!("{name}: ONNX Runtime cannot load the model: {e}")
+            load_error(
+                path,
+                format!("{name}: ONNX Runtime cannot load the model: {e}"),
+            )
         } else {
-            gpu_failure(provider, rt, "cannot start a session with", &e.to_string())
+            gpu_failure(
+                path,
+                provider,
+                rt,
+                "cannot start a session with",
+                &e.to_string(),
+            )
         }
     })
 }
@@ -466,8 +486,15 @@ fn tensorrt(o: &options::TrtOptions, device: i32) -> Result<ort::ep::TensorRT, S
 
 /// The error for a GPU provider that failed, with what is missing where
 /// that can be found out: the NVIDIA driver, or a library the provider
-/// needs (the loader names it, e.g. `libcublasLt.so.12`).
-fn gpu_failure(provider: Provider, rt: &Runtime, what: &str, error: &str) -> String {
+/// needs (the loader names it, e.g. `libcublasLt.so.12`). Something missing
+/// makes the backend unavailable here; else the model or setup is at fault.
+fn gpu_failure(
+    path: &Path,
+    provider: Provider,
+    rt: &Runtime,
+    what: &str,
+    error: &str,
+) -> BackendError {
     let mut msg = format!(
         "{}: {what} the {} of the ONNX Runtime at {}: {}",
         provider.backend_name(),
@@ -475,11 +502,16 @@ fn gpu_failure(provider: Provider, rt: &Runtime, what: &str, error: &str) -> Str
         rt.library.display(),
         error.trim()
     );
-    for finding in diagnose_gpu(provider, rt) {
+    let findings = diagnose_gpu(provider, rt);
+    for finding in &findings {
         msg.push_str("; ");
-        msg.push_str(&finding);
+        msg.push_str(finding);
     }
-    msg
+    if findings.is_empty() {
+        load_error(path, msg)
+    } else {
+        BackendError::Unavailable(msg)
+    }
 }
 
 /// What stands between this machine and the provider, as far as loading

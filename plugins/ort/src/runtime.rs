@@ -1,15 +1,26 @@
 //! Loading ONNX Runtime itself: which shared library, once per process, and
 //! what it offers.
 //!
-//! The library is found, in order, from the `library` load option, the
-//! `ORT_DYLIB_PATH` environment variable, or the system loader
-//! (`libonnxruntime.so`, then `libonnxruntime.so.1`; `ort` also looks next
-//! to the executable for a bare name). A process holds one ONNX Runtime:
-//! the first load decides, its failure is remembered, and a later request
-//! for another library is an error rather than a silent mix.
+//! The library is found in this order (the first that names or holds one
+//! wins; see docs/ort.md):
+//!
+//! 1. the `library` load option (settings: `backend_options.ort.library`);
+//! 2. the `ORT_DYLIB_PATH` environment variable;
+//! 3. `onnxruntime/libonnxruntime.so` next to this plugin library (the
+//!    plugin's own path comes from `dladdr`), where a package puts it;
+//! 4. `$XDG_DATA_HOME/infl8/onnxruntime/libonnxruntime.so` (default
+//!    `~/.local/share/infl8/onnxruntime/`), where `scripts/fetch-ort.sh`
+//!    installs it;
+//! 5. the system loader (`libonnxruntime.so`, then `libonnxruntime.so.1`).
+//!
+//! A library named by 1 or 2 must be there: nothing else is tried. A process
+//! holds one ONNX Runtime: the first load decides, its failure is
+//! remembered, and a later request for another library is an error rather
+//! than a silent mix.
 
-use std::ffi::{CStr, c_char, c_int};
+use std::ffi::{CStr, OsStr, c_char, c_int};
 use std::fmt;
+use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -20,18 +31,35 @@ use ort::logging::LogLevel;
 /// The environment variable `ort` and this plugin read the library from.
 pub const ENV_DYLIB_PATH: &str = "ORT_DYLIB_PATH";
 
-/// Tried through the system loader when nothing names a library.
+/// The file looked for in the `onnxruntime/` folders of the search.
+const LIBRARY_FILE: &str = "libonnxruntime.so";
+
+/// The folder, next to the plugin and in the data directory, that holds it.
+pub const LIBRARY_DIR: &str = "onnxruntime";
+
+/// Tried through the system loader when nothing else holds a library.
 const DEFAULT_NAMES: &[&str] = &["libonnxruntime.so", "libonnxruntime.so.1"];
 
-/// Where the library request came from (for messages).
+/// Where a candidate library comes from (for messages).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     /// The `library` load option (settings: `backend_options.ort.library`).
     Option,
     /// `ORT_DYLIB_PATH`.
     Env,
-    /// Nothing named one: the system loader's search path.
-    Default,
+    /// `onnxruntime/` next to the plugin library.
+    NextToPlugin,
+    /// The per-user data folder (`$XDG_DATA_HOME/infl8/onnxruntime/`).
+    UserData,
+    /// The system loader's search path.
+    System,
+}
+
+impl Source {
+    /// Named by the user: the library must be that one.
+    fn explicit(self) -> bool {
+        matches!(self, Source::Option | Source::Env)
+    }
 }
 
 impl fmt::Display for Source {
@@ -39,52 +67,162 @@ impl fmt::Display for Source {
         f.write_str(match self {
             Source::Option => "the `library` load option",
             Source::Env => "ORT_DYLIB_PATH",
-            Source::Default => "the system loader (no `library` option, ORT_DYLIB_PATH unset)",
+            Source::NextToPlugin => "the onnxruntime/ folder next to the plugin",
+            Source::UserData => "the per-user data folder",
+            Source::System => "the system loader",
         })
     }
 }
 
-/// Which ONNX Runtime library to load.
+/// One library to try.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LibraryRequest {
-    pub candidates: Vec<PathBuf>,
+pub struct Candidate {
+    pub path: PathBuf,
     pub source: Source,
 }
 
+/// Which ONNX Runtime library to load: the candidates in order, and the
+/// folders of the search that held none (for messages).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LibraryRequest {
+    pub candidates: Vec<Candidate>,
+    pub searched: Vec<PathBuf>,
+}
+
 impl LibraryRequest {
-    /// From the load option, else the environment variable's value `env`.
-    pub fn resolve(option: Option<&Path>, env: Option<&str>) -> Self {
+    /// From the load option, else the environment variable's value `env`,
+    /// else the first of the `onnxruntime/` folders `dirs` (in order) that
+    /// holds the library, then the system loader.
+    pub fn resolve(option: Option<&Path>, env: Option<&str>, dirs: &[(PathBuf, Source)]) -> Self {
+        let named = |path: PathBuf, source| LibraryRequest {
+            candidates: vec![Candidate { path, source }],
+            searched: Vec::new(),
+        };
         if let Some(p) = option {
-            return LibraryRequest {
-                candidates: vec![p.to_path_buf()],
-                source: Source::Option,
-            };
+            return named(p.to_path_buf(), Source::Option);
         }
         if let Some(p) = env.map(str::trim).filter(|s| !s.is_empty()) {
-            return LibraryRequest {
-                candidates: vec![PathBuf::from(p)],
-                source: Source::Env,
-            };
+            return named(PathBuf::from(p), Source::Env);
         }
+        let mut candidates = Vec::new();
+        let mut searched = Vec::new();
+        for (dir, source) in dirs {
+            let lib = dir.join(LIBRARY_FILE);
+            if lib.exists() {
+                candidates.push(Candidate {
+                    path: lib,
+                    source: *source,
+                });
+            } else {
+                searched.push(dir.clone());
+            }
+        }
+        candidates.extend(DEFAULT_NAMES.iter().map(|n| Candidate {
+            path: PathBuf::from(n),
+            source: Source::System,
+        }));
         LibraryRequest {
-            candidates: DEFAULT_NAMES.iter().map(PathBuf::from).collect(),
-            source: Source::Default,
+            candidates,
+            searched,
         }
     }
 
-    /// From the load option and the process environment.
+    /// From the load option, the process environment and the folders of the
+    /// search ([`search_dirs`]).
     pub fn from_env(option: Option<&Path>) -> Self {
         let env = std::env::var(ENV_DYLIB_PATH).ok();
-        Self::resolve(option, env.as_deref())
+        Self::resolve(option, env.as_deref(), &search_dirs())
+    }
+
+    /// The user named the library (option or environment variable).
+    fn explicit(&self) -> bool {
+        self.candidates.first().is_some_and(|c| c.source.explicit())
     }
 
     fn describe(&self) -> String {
         let names: Vec<String> = self
             .candidates
             .iter()
-            .map(|p| p.display().to_string())
+            .map(|c| format!("{} (from {})", c.path.display(), c.source))
             .collect();
-        format!("{} (from {})", names.join(" or "), self.source)
+        names.join(" or ")
+    }
+}
+
+/// The `onnxruntime/` folders searched when neither the option nor
+/// `ORT_DYLIB_PATH` names a library: next to this plugin, then the per-user
+/// data folder.
+pub fn search_dirs() -> Vec<(PathBuf, Source)> {
+    let mut dirs = Vec::new();
+    if let Some(dir) = plugin_dir() {
+        dirs.push((dir.join(LIBRARY_DIR), Source::NextToPlugin));
+    }
+    let xdg = std::env::var_os("XDG_DATA_HOME");
+    let home = std::env::var_os("HOME");
+    if let Some(dir) = user_data_dir(xdg.as_deref(), home.as_deref()) {
+        dirs.push((dir, Source::UserData));
+    }
+    dirs
+}
+
+/// `$XDG_DATA_HOME/infl8/onnxruntime`, else `$HOME/.local/share/...`. The
+/// XDG spec ignores a relative `XDG_DATA_HOME`, and so does this.
+pub fn user_data_dir(xdg_data_home: Option<&OsStr>, home: Option<&OsStr>) -> Option<PathBuf> {
+    let base = xdg_data_home
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            home.map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|h| h.join(".local/share"))
+        })?;
+    Some(base.join("infl8").join(LIBRARY_DIR))
+}
+
+/// The folder of the shared object this code is in (the plugin library;
+/// the executable when linked in statically), from the loader (`dladdr`).
+pub fn plugin_dir() -> Option<PathBuf> {
+    let here: fn() -> Option<PathBuf> = plugin_dir;
+    // SAFETY: `Dl_info` is plain data, valid when zeroed.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: `here` is an address inside this object; `info` is writable.
+    let found = unsafe { libc::dladdr(here as *const libc::c_void, &mut info) };
+    if found == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: the loader's NUL-terminated name of a loaded object, which
+    // stays loaded (plugins are never unloaded).
+    let name = unsafe { CStr::from_ptr(info.dli_fname) };
+    let path = Path::new(OsStr::from_bytes(name.to_bytes()));
+    // A library opened by a relative path is named relative to the working
+    // directory of that moment: resolve it now.
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    path.parent().map(Path::to_path_buf)
+}
+
+/// Why ONNX Runtime could not be loaded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// No library was there to load (nothing found, or a named path that
+    /// does not exist): this machine lacks ONNX Runtime.
+    #[error("{0}")]
+    Missing(String),
+    /// A library was found but cannot be used.
+    #[error("{0}")]
+    Unusable(String),
+}
+
+impl RuntimeError {
+    fn new(missing: bool, message: String) -> Self {
+        if missing {
+            RuntimeError::Missing(message)
+        } else {
+            RuntimeError::Unusable(message)
+        }
+    }
+
+    pub fn is_missing(&self) -> bool {
+        matches!(self, RuntimeError::Missing(_))
     }
 }
 
@@ -116,43 +254,44 @@ impl Runtime {
 
 struct Loaded {
     request: LibraryRequest,
-    result: Result<Runtime, String>,
+    result: Result<Runtime, RuntimeError>,
 }
 
 static RUNTIME: OnceLock<Loaded> = OnceLock::new();
 
 /// The process's ONNX Runtime, loading it on first use from `request`.
 /// Errors are complete sentences naming the library and the problem.
-pub fn runtime(request: &LibraryRequest) -> Result<&'static Runtime, String> {
+pub fn runtime(request: &LibraryRequest) -> Result<&'static Runtime, RuntimeError> {
     let loaded = RUNTIME.get_or_init(|| Loaded {
         request: request.clone(),
         result: load(request),
     });
     match &loaded.result {
-        Err(e) => Err(if loaded.request == *request {
-            e.clone()
-        } else {
+        Err(e) if loaded.request == *request => Err(e.clone()),
+        Err(e) => Err(RuntimeError::new(
+            e.is_missing(),
             format!(
                 "{e} (ONNX Runtime is loaded once per process; this load asked for {})",
                 request.describe()
-            )
-        }),
+            ),
+        )),
         Ok(rt) => {
-            // A bare default name accepts whatever is loaded; an explicit
+            // A searched-for library accepts whatever is loaded; an explicit
             // path must be the library in use.
-            if request.source != Source::Default
+            let wanted = &request.candidates[0];
+            if request.explicit()
                 && loaded.request != *request
-                && !same_file(&rt.library, &request.candidates[0])
+                && !same_file(&rt.library, &wanted.path)
             {
-                return Err(format!(
-                    "ONNX Runtime is already loaded in this process from {} (from {}); {} asks \
-                     for {}: one process holds one ONNX Runtime, give every ort backend the same \
-                     library",
+                return Err(RuntimeError::Unusable(format!(
+                    "ONNX Runtime is already loaded in this process from {} (from {}); {} \
+                         asks for {}: one process holds one ONNX Runtime, give every ort backend \
+                         the same library",
                     rt.library.display(),
                     rt.source,
-                    request.source,
-                    request.candidates[0].display()
-                ));
+                    wanted.source,
+                    wanted.path.display()
+                )));
             }
             Ok(rt)
         }
@@ -173,17 +312,20 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-fn load(request: &LibraryRequest) -> Result<Runtime, String> {
+fn load(request: &LibraryRequest) -> Result<Runtime, RuntimeError> {
     let mut failures = Vec::new();
+    // Stays true while every candidate was simply not there.
+    let mut missing = true;
     for candidate in &request.candidates {
+        let path = &candidate.path;
         // An explicit path that does not exist gets a plain message rather
         // than the loader's.
-        if request.source != Source::Default && !candidate.exists() {
+        if candidate.source.explicit() && !path.exists() {
             failures.push(format!(
                 "{} does not exist (named by {}); run scripts/fetch-ort.sh or point {} or the \
                  `library` option at an ONNX Runtime {}.{}+ libonnxruntime.so",
-                candidate.display(),
-                request.source,
+                path.display(),
+                candidate.source,
                 ENV_DYLIB_PATH,
                 1,
                 ort::MINOR_VERSION
@@ -192,39 +334,53 @@ fn load(request: &LibraryRequest) -> Result<Runtime, String> {
         }
         // `ort` may panic on an unusable library (a null API base); keep
         // that an error for this load.
-        let attempt = catch_unwind(AssertUnwindSafe(|| init(candidate)));
+        let attempt = catch_unwind(AssertUnwindSafe(|| init(path)));
         match attempt {
             Ok(Ok(rt)) => {
                 return Ok(Runtime {
-                    source: request.source,
+                    source: candidate.source,
                     ..rt
                 });
             }
-            Ok(Err(InitError::Library(e))) => failures.push(e),
+            Ok(Err(InitError::Library(e))) => {
+                // The system loader found no such name: not there either.
+                missing &=
+                    candidate.source == Source::System && e.contains("No such file or directory");
+                failures.push(e);
+            }
             // The library is loaded into `ort` now: trying another is not
             // possible.
             Ok(Err(InitError::AfterLoad(e))) => {
+                missing = false;
                 failures.push(e);
                 break;
             }
             Err(p) => {
+                missing = false;
                 failures.push(format!(
                     "loading ONNX Runtime from {} panicked: {}",
-                    candidate.display(),
+                    path.display(),
                     panic_text(p.as_ref())
                 ));
                 break;
             }
         }
     }
-    let mut msg = format!("cannot load ONNX Runtime: {}", failures.join("; "));
-    if request.source == Source::Default {
-        msg.push_str(&format!(
-            "; set {ENV_DYLIB_PATH} or the `library` option (scripts/fetch-ort.sh fetches one into \
-             .cache/onnxruntime/cpu/)"
+    let mut message = format!("cannot load ONNX Runtime: {}", failures.join("; "));
+    if !request.explicit() {
+        let searched: Vec<String> = request
+            .searched
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        message.push_str(&format!(
+            "; searched {} (none holds {LIBRARY_FILE}) and the system loader: run \
+             scripts/fetch-ort.sh (installs into the per-user data folder), or set \
+             {ENV_DYLIB_PATH} or the `library` option",
+            searched.join(" and ")
         ));
     }
-    Err(msg)
+    Err(RuntimeError::new(missing, message))
 }
 
 enum InitError {
@@ -264,7 +420,7 @@ fn init(path: &Path) -> Result<Runtime, InitError> {
     Ok(Runtime {
         env,
         library: path.to_path_buf(),
-        source: Source::Default,
+        source: Source::System,
         version,
         providers,
     })
@@ -390,41 +546,118 @@ fn status_result(api: &ort::sys::OrtApi, status: ort::sys::OrtStatusPtr) -> Resu
 mod tests {
     use super::*;
 
-    #[test]
-    fn option_beats_env_beats_default() {
-        let r = LibraryRequest::resolve(Some(Path::new("/a/libonnxruntime.so")), Some("/b"));
-        assert_eq!(r.candidates, [PathBuf::from("/a/libonnxruntime.so")]);
-        assert_eq!(r.source, Source::Option);
+    fn paths(r: &LibraryRequest) -> Vec<(PathBuf, Source)> {
+        r.candidates
+            .iter()
+            .map(|c| (c.path.clone(), c.source))
+            .collect()
+    }
 
-        let r = LibraryRequest::resolve(None, Some("/b/libonnxruntime.so"));
-        assert_eq!(r.candidates, [PathBuf::from("/b/libonnxruntime.so")]);
-        assert_eq!(r.source, Source::Env);
+    #[test]
+    fn option_beats_env_beats_search() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = dir.path().join("next-to-plugin");
+        std::fs::create_dir_all(&full).unwrap();
+        std::fs::write(full.join(LIBRARY_FILE), b"").unwrap();
+        let dirs = [(full.clone(), Source::NextToPlugin)];
+
+        let r = LibraryRequest::resolve(Some(Path::new("/a/libonnxruntime.so")), Some("/b"), &dirs);
+        assert_eq!(
+            paths(&r),
+            [(PathBuf::from("/a/libonnxruntime.so"), Source::Option)]
+        );
+
+        let r = LibraryRequest::resolve(None, Some("/b/libonnxruntime.so"), &dirs);
+        assert_eq!(
+            paths(&r),
+            [(PathBuf::from("/b/libonnxruntime.so"), Source::Env)]
+        );
 
         for env in [None, Some(""), Some("  ")] {
-            let r = LibraryRequest::resolve(None, env);
-            assert_eq!(r.source, Source::Default);
+            let r = LibraryRequest::resolve(None, env, &dirs);
+            assert!(!r.explicit());
             assert_eq!(
-                r.candidates,
-                [
-                    PathBuf::from("libonnxruntime.so"),
-                    PathBuf::from("libonnxruntime.so.1")
-                ]
+                paths(&r)[0],
+                (full.join(LIBRARY_FILE), Source::NextToPlugin)
             );
         }
     }
 
     #[test]
-    fn a_path_that_does_not_exist_is_named_without_loading() {
-        let r = LibraryRequest::resolve(Some(Path::new("/nonexistent/libonnxruntime.so")), None);
+    fn the_search_takes_folders_in_order_and_skips_empty_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("plugin/onnxruntime");
+        let user = dir.path().join("data/infl8/onnxruntime");
+        std::fs::create_dir_all(&empty).unwrap();
+        std::fs::create_dir_all(&user).unwrap();
+        std::fs::write(user.join(LIBRARY_FILE), b"").unwrap();
+        let dirs = [
+            (empty.clone(), Source::NextToPlugin),
+            (user.clone(), Source::UserData),
+        ];
+        let r = LibraryRequest::resolve(None, None, &dirs);
+        assert_eq!(
+            paths(&r),
+            [
+                (user.join(LIBRARY_FILE), Source::UserData),
+                (PathBuf::from("libonnxruntime.so"), Source::System),
+                (PathBuf::from("libonnxruntime.so.1"), Source::System),
+            ]
+        );
+        assert_eq!(r.searched, [empty]);
+    }
+
+    #[test]
+    fn user_data_dir_follows_xdg() {
+        let os = |s: &'static str| Some(OsStr::new(s));
+        assert_eq!(
+            user_data_dir(os("/x/data"), os("/home/u")),
+            Some(PathBuf::from("/x/data/infl8/onnxruntime"))
+        );
+        for xdg in [None, os(""), os("relative/data")] {
+            assert_eq!(
+                user_data_dir(xdg, os("/home/u")),
+                Some(PathBuf::from("/home/u/.local/share/infl8/onnxruntime"))
+            );
+        }
+        assert_eq!(user_data_dir(None, None), None);
+    }
+
+    #[test]
+    fn plugin_dir_is_the_folder_of_this_object() {
+        // Linked into the test executable here: its folder.
+        let exe = std::env::current_exe().unwrap().canonicalize().unwrap();
+        assert_eq!(plugin_dir().as_deref(), exe.parent());
+    }
+
+    #[test]
+    fn a_path_that_does_not_exist_is_missing_and_named_without_loading() {
+        let r =
+            LibraryRequest::resolve(Some(Path::new("/nonexistent/libonnxruntime.so")), None, &[]);
         let e = load(&r).err().unwrap();
+        assert!(e.is_missing(), "{e:?}");
+        let e = e.to_string();
         assert!(
             e.contains("/nonexistent/libonnxruntime.so does not exist")
                 && e.contains("`library` load option")
                 && e.contains("fetch-ort.sh"),
             "{e}"
         );
-        let r = LibraryRequest::resolve(None, Some("/nonexistent/lib.so"));
+        let r = LibraryRequest::resolve(None, Some("/nonexistent/lib.so"), &[]);
         let e = load(&r).err().unwrap();
-        assert!(e.contains("ORT_DYLIB_PATH"), "{e}");
+        assert!(
+            e.is_missing() && e.to_string().contains("ORT_DYLIB_PATH"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_library_is_broken_not_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join(LIBRARY_FILE);
+        std::fs::write(&fake, b"not an ELF file").unwrap();
+        let r = LibraryRequest::resolve(Some(&fake), None, &[]);
+        let e = load(&r).err().unwrap();
+        assert!(!e.is_missing(), "{e:?}");
     }
 }

@@ -12,8 +12,9 @@
 // Major version of this ABI: plugin and host majors must be equal.
 #define INFL8_ABI_MAJOR 1
 
-// Minor version of this ABI: a newer minor only appends fields.
-#define INFL8_ABI_MINOR 0
+// Minor version of this ABI: a newer minor only appends (fields, status
+// codes). 1.1 added [`INFL8_UNAVAILABLE`].
+#define INFL8_ABI_MINOR 1
 
 // `(INFL8_ABI_MAJOR << 16) | INFL8_ABI_MINOR`.
 #define INFL8_ABI_VERSION ((INFL8_ABI_MAJOR << 16) | INFL8_ABI_MINOR)
@@ -51,6 +52,13 @@
 
 // Status: running the model failed.
 #define INFL8_RUN_FAILED 8
+
+// Status (ABI 1.1): the backend cannot run on this machine (its runtime
+// library, GPU or driver is missing); the message says what is missing.
+// Not a fault of the model or the plugin: `model_load` returns it before
+// looking at the model's contents. A plugin answers a 1.0 host
+// [`INFL8_LOAD_FAILED`] instead, which that host knows.
+#define INFL8_UNAVAILABLE 9
 
 // Log level: nothing (only as `Infl8HostApi::log_max_level`).
 #define INFL8_LOG_OFF 0
