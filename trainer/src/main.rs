@@ -18,7 +18,9 @@ use infl8_trainer::train::config::TrainConfig;
 use infl8_trainer::train::{ablate, finetune};
 use tracing::info;
 
+mod degrade_cmd;
 mod quantize_cmd;
+mod score_cmd;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -53,6 +55,11 @@ enum Command {
     /// Post-training INT8 static quantization (QDQ ONNX), calibrated on
     /// real volumes, with a per-layer SQNR report and INT8-vs-FP32 Dice.
     Quantize(quantize_cmd::QuantizeArgs),
+    /// Write a degraded copy of a scan and its labels (thick slices, bias
+    /// field and noise, field-of-view cut, resampling, storage order).
+    Degrade(degrade_cmd::DegradeArgs),
+    /// Dice, HD95 and volume error of a mask against a reference mask.
+    Score(score_cmd::ScoreArgs),
 }
 
 #[derive(Args)]
@@ -433,6 +440,8 @@ fn main() -> ExitCode {
         Command::Finetune(a) => finetune_cmd(a),
         Command::Ablate(a) => ablate_cmd(a),
         Command::Quantize(a) => quantize_cmd::run(a),
+        Command::Degrade(a) => degrade_cmd::run(a),
+        Command::Score(a) => score_cmd::run(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
