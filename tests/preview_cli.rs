@@ -131,8 +131,8 @@ fn folder_mode_writes_one_preview_per_input_and_reports_failures() {
     }
     assert_eq!(std::fs::read_dir(&previews).unwrap().count(), 2);
 
-    // A preview that cannot be written (a folder holds its name) fails the
-    // command but keeps every segmentation; the other preview is written.
+    // A preview whose name a folder holds is refused before any work (as
+    // the single-file mode does): nothing is segmented, the folder named.
     let outbox2 = dir.path().join("out2");
     let previews2 = dir.path().join("previews2");
     std::fs::create_dir_all(previews2.join("b.png")).unwrap();
@@ -140,12 +140,11 @@ fn folder_mode_writes_one_preview_per_input_and_reports_failures() {
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(
-        err.contains("b.png") && err.contains("1 of 2 previews failed"),
+        err.contains("b.png") && err.contains("is a folder"),
         "{err}"
     );
-    assert!(outbox2.join("a.nii.gz").is_file());
-    assert!(outbox2.join("b.nii").is_file());
-    decode(&previews2.join("a.png"));
+    assert!(!outbox2.join("a.nii.gz").exists());
+    assert!(!previews2.join("a.png").exists());
 }
 
 #[test]

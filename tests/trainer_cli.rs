@@ -86,15 +86,13 @@ fn import_reports_the_dinov2_backbone() {
     }
     // ...with the source model's own weights, value for value.
     let onnx = infl8_onnx::read_model(&vit_s_focus()).unwrap();
-    for (name, dims) in [
-        ("patch_embed.proj.weight", [384, 3, 14, 14].as_slice()),
-        ("pos_embed", &[1, 1370, 384]),
-    ] {
-        assert!(
-            tensor_values(&header, &data, name) == initializer_of_shape(&onnx, dims),
-            "{name} differs from the ONNX model's initializer"
-        );
-    }
+    // (The ONNX graph builds its position table from parts, so only the
+    // patch kernel is one initializer there to compare with.)
+    assert!(
+        tensor_values(&header, &data, "patch_embed.proj.weight")
+            == initializer_of_shape(&onnx, &[384, 3, 14, 14]),
+        "patch_embed.proj.weight differs from the ONNX model's initializer"
+    );
     // The canonical file reads back through the safetensors path.
     let again = ok(&run("infl8-train", &["import", s(&canon)]));
     assert!(again.contains("384"), "{again}");

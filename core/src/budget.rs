@@ -90,7 +90,7 @@ pub enum BudgetError {
         mib(.plan.peak()),
         .budget >> 20
     )]
-    OverBudget { plan: MemoryPlan, budget: u64 },
+    OverBudget { plan: Box<MemoryPlan>, budget: u64 },
 }
 
 /// What running `manifest` on `vol` with `window_batch` windows per call
@@ -182,7 +182,10 @@ pub fn check(
         });
     }
     if budget > 0 && plan.peak() > u128::from(budget) {
-        return Err(BudgetError::OverBudget { plan, budget });
+        return Err(BudgetError::OverBudget {
+            plan: Box::new(plan),
+            budget,
+        });
     }
     Ok(plan)
 }

@@ -149,7 +149,7 @@ mod tests {
             &["x", "--overlap", "inf"],
             &["x", "--sigma-scale", "nan"],
             &["x", "--window", "0", "NaN"],
-            &["x", "--spacing", "1", "-inf", "1"],
+            &["x", "--spacing", "1", "inf", "1"],
         ] {
             let e = Cli::try_parse_from(args).err().map(|e| e.to_string());
             let e = e.unwrap_or_else(|| panic!("{args:?} was accepted"));

@@ -163,7 +163,7 @@ pub fn bias_noise(pair: &Pair, bias: f64, noise: f64, seed: u64) -> Result<Pair,
     if noise > 0.0 {
         let sigma = noise * foreground_median(pair)?;
         // A stream apart from the bias field's.
-        let mut state = seed.wrapping_add(0x6E6F_6973_65); // "noise"
+        let mut state = seed.wrapping_add(0x006E_6F69_7365); // "noise"
         out.image.data.mapv_inplace(|x| {
             let (n1, n2) = (normal(&mut state) * sigma, normal(&mut state) * sigma);
             ((f64::from(x) + n1).powi(2) + n2 * n2).sqrt() as f32
@@ -526,8 +526,8 @@ mod tests {
             // polynomial of degree <= 3 bounded by 1, so by Markov's
             // inequality |d/du| <= 9 ln(1 + a), with u in [-1, 1]. A
             // voxel-scale (noise-like) field would break this many times.
-            for ax in 0..3 {
-                let step = 2.0 / (dims[ax] - 1) as f64;
+            for (ax, &n) in dims.iter().enumerate() {
+                let step = 2.0 / (n - 1) as f64;
                 let bound = 9.0 * (1.0 + a).ln() * step;
                 let worst = f
                     .lanes(Axis(ax))

@@ -79,6 +79,9 @@ struct Candidate {
     mtime_ns: u64,
 }
 
+/// Reads an input's checksum; `None` when asked to stop first.
+type HashFn = fn(&Path, &mut dyn std::io::Read, &dyn Fn() -> bool) -> Result<Option<String>>;
+
 pub(crate) struct Service<R> {
     o: Options<R>,
     state_dir: PathBuf,
@@ -96,7 +99,7 @@ pub(crate) struct Service<R> {
     /// Failed inputs tried again since the start (`--retry-failed`).
     retried: HashSet<Key>,
     /// Reads an input's checksum (tests replace it to fake unreadable files).
-    hash: fn(&Path, &mut dyn std::io::Read, &dyn Fn() -> bool) -> Result<Option<String>>,
+    hash: HashFn,
     status: Status,
     _lock: fs::File,
     /// Tests: fail (as a crash would) right after the named step.
