@@ -127,10 +127,10 @@ for f in "$infl8" "$out_dir/libinfl8_tract.so"; do
     esac
 done
 
-# --- 3. infl8-core's tests under QEMU ------------------------------------
-echo "== cargo test -p infl8-core --target $target (under qemu-aarch64-static)"
-cargo_x test --locked -p infl8-core
-phase "infl8-core tests (qemu)"
+# --- 3. infl8-backend and infl8-core tests under QEMU ---------------------
+echo "== cargo test -p infl8-backend -p infl8-core --target $target (under qemu-aarch64-static)"
+cargo_x test --locked -p infl8-backend -p infl8-core
+phase "infl8-backend and infl8-core tests (qemu)"
 
 # --- 4. a real volume on the aarch64 binary -------------------------------
 model=models/brain-mask.onnx

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use infl8_backend::{Backend, Model};
 use infl8_core::config::{self, Settings};
 use infl8_core::fsio;
 use infl8_core::inference::{BlendMode, SlidingWindow};
@@ -14,7 +15,6 @@ use infl8_core::plugin::PluginHost;
 use infl8_core::preprocess::{Normalization, PreprocessSpec};
 use infl8_core::preview::{self, PreviewOptions};
 use infl8_core::segment::{SegmentReport, Segmenter};
-use infl8_core::{Backend, Model};
 use tracing::{error, info, warn};
 
 use crate::flags::{ExampleModelArgs, InfoArgs, RuntimeArgs, SegmentArgs};

@@ -20,7 +20,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use infl8_core::config::{self, ConfigError, Precision, Settings};
+use infl8_backend::Precision;
+use infl8_core::config::{self, ConfigError, Settings};
 
 /// The ort plugin's option parser; it names the plugin's backends through
 /// `super::Provider`, mirrored below. Parts of it only the plugin uses.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use infl8_core::backend::{BackendError, Model, Tensor, TensorInfo};
+use infl8_backend::{BackendError, Model, Tensor, TensorInfo};
 use infl8_core::config::Limits;
 use infl8_core::manifest::{InferenceMode, Manifest};
 use tracing::{info, warn};
@@ -217,7 +217,7 @@ impl Model for DeadlineModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use infl8_core::backend::Dim;
+    use infl8_backend::Dim;
 
     struct Fake(TensorInfo, TensorInfo);
 

@@ -1,32 +1,16 @@
 //! The plugin ABI called directly, without the host's safe wrapper: the kit
 //! needs the raw status codes, the bytes written into caller buffers and the
-//! ability to pass deliberately bad arguments.
+//! ability to pass deliberately bad arguments. The calls themselves are the
+//! host's own raw client ([`infl8_core::plugin::raw`]); this adds what only
+//! the kit does (open a library by hand, guard bytes, copy outputs out).
 
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::path::Path;
 use std::ptr;
 
 use infl8_core::plugin::abi::*;
-
-/// Room for error messages, as the host gives it.
-pub const ERR_CAP: usize = 1024;
-
-/// A status and the message that came with it.
-#[derive(Clone, Debug)]
-pub struct Status {
-    pub code: i32,
-    pub message: String,
-}
-
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", status_name(self.code))?;
-        if !self.message.is_empty() {
-            write!(f, ": {}", self.message)?;
-        }
-        Ok(())
-    }
-}
+use infl8_core::plugin::raw;
+pub use infl8_core::plugin::raw::{ERR_CAP, Status, empty_out};
 
 /// An opened plugin library and the table its entry returned.
 pub struct Library {
@@ -151,17 +135,6 @@ pub fn backends(t: &Infl8PluginTable) -> Vec<Infl8BackendDesc> {
         .collect()
 }
 
-fn status(code: i32, err: &[u8]) -> Status {
-    Status {
-        code,
-        message: if code == INFL8_OK {
-            String::new()
-        } else {
-            read_message(err)
-        },
-    }
-}
-
 /// A model loaded through the raw table, freed on drop.
 pub struct RawModel {
     table: &'static Infl8PluginTable,
@@ -195,28 +168,13 @@ impl RawModel {
             message: e.to_string(),
         })?;
         let load = table.model_load.ok_or_else(|| missing("model_load"))?;
-        let mut handle: *mut Infl8Model = ptr::null_mut();
-        let mut err = [0u8; ERR_CAP];
-        // SAFETY: valid strings, a writable handle slot and error buffer.
-        let code = unsafe {
-            load(
-                backend,
-                path.as_ptr(),
-                opts.as_ptr(),
-                &mut handle,
-                err.as_mut_ptr().cast(),
-                ERR_CAP,
-            )
-        };
-        if code != INFL8_OK {
-            return Err(status(code, &err));
-        }
-        if handle.is_null() {
-            return Err(Status {
+        // SAFETY: a function of the plugin's static table.
+        let handle =
+            unsafe { raw::model_load(load, backend, &path, &opts) }?.ok_or_else(|| Status {
                 code: INFL8_ERROR,
                 message: "model_load returned OK but no handle".into(),
-            });
-        }
+            })?;
+        let handle = handle.as_ptr();
         Ok(RawModel { table, handle })
     }
 
@@ -233,14 +191,11 @@ impl RawModel {
         // u64 storage keeps the struct aligned.
         let mut buf = vec![0xA5A5_A5A5_A5A5_A5A5u64; (size + GUARD).div_ceil(8)];
         let io = buf.as_mut_ptr().cast::<Infl8ModelIo>();
-        let mut err = [0u8; ERR_CAP];
-        // SAFETY: `io` points to `size + GUARD` writable, aligned bytes.
-        let code = unsafe {
+        // SAFETY: `io` points to `size + GUARD` writable, aligned bytes,
+        // the struct's declared size among them.
+        unsafe {
             (*io).struct_size = Infl8ModelIo::MIN_SIZE;
-            f(self.handle, io, err.as_mut_ptr().cast(), ERR_CAP)
-        };
-        if code != INFL8_OK {
-            return Err(status(code, &err));
+            raw::model_io(f, self.handle, io)?;
         }
         let bytes = buf.as_ptr().cast::<u8>();
         // SAFETY: the buffer holds at least `size + GUARD` bytes.
@@ -263,25 +218,9 @@ impl RawModel {
             .table
             .tensor_free
             .ok_or_else(|| missing("tensor_free"))?;
-        let mut out = empty_out();
-        let mut err = [0u8; ERR_CAP];
         // SAFETY: `input` holds the values `shape` asks for (or is
-        // deliberately null with a shape the plugin must refuse); `out` and
-        // `err` are writable.
-        let code = unsafe {
-            f(
-                self.handle,
-                input,
-                shape.as_ptr(),
-                shape.len() as u32,
-                &mut out,
-                err.as_mut_ptr().cast(),
-                ERR_CAP,
-            )
-        };
-        if code != INFL8_OK {
-            return Err(status(code, &err));
-        }
+        // deliberately null with a shape the plugin must refuse).
+        let out = unsafe { raw::model_run(f, self.handle, input, shape) }?;
         let copied = copy_out(&out);
         // SAFETY: `owner` came from this successful run; freed once.
         let freed = unsafe { free(out.owner) };
@@ -306,17 +245,6 @@ impl Drop for RawModel {
     }
 }
 
-pub fn empty_out() -> Infl8TensorOut {
-    Infl8TensorOut {
-        struct_size: Infl8TensorOut::MIN_SIZE,
-        rank: 0,
-        shape: [0; INFL8_MAX_RANK],
-        data: ptr::null(),
-        len: 0,
-        owner: ptr::null_mut(),
-    }
-}
-
 fn missing(what: &str) -> Status {
     Status {
         code: INFL8_ERROR,
@@ -326,7 +254,7 @@ fn missing(what: &str) -> Status {
 
 /// Validates a returned tensor and copies its values.
 fn copy_out(out: &Infl8TensorOut) -> Result<Output, Status> {
-    let (shape, len) = infl8_core::plugin::check_output(out).map_err(|e| Status {
+    let (shape, len) = raw::check_output(out).map_err(|e| Status {
         code: INFL8_ERROR,
         message: format!("output: {e}"),
     })?;

@@ -81,52 +81,9 @@ pub struct PluginSettings {
 /// them would take minutes before the backend fails.
 pub const MAX_THREADS: usize = 1024;
 
-/// See [`Settings::precision`].
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-// Through `FromStr`: the `config` crate's own enum error ("enum Precision
-// does not have variant constructor fp8") names neither the accepted values
-// nor, for a user, the setting.
-#[serde(rename_all = "lowercase", try_from = "String")]
-pub enum Precision {
-    #[default]
-    Fp32,
-    Fp16,
-    Int8,
-}
-
-impl Precision {
-    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Fp16, Precision::Int8];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Fp16 => "fp16",
-            Precision::Int8 => "int8",
-        }
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-
-    /// `fp32`, `fp16` or `int8`, in any case (environment variables are
-    /// often written in upper case).
-    fn from_str(s: &str) -> Result<Self, String> {
-        let want = s.trim().to_ascii_lowercase();
-        Precision::ALL
-            .into_iter()
-            .find(|p| p.as_str() == want)
-            .ok_or_else(|| format!("`{s}` is not a precision (expected fp32, fp16 or int8)"))
-    }
-}
-
-impl TryFrom<String> for Precision {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
+/// See [`Settings::precision`]. Part of the backend contract, where plugins
+/// read it; re-exported so settings keep naming it here.
+pub use infl8_backend::Precision;
 
 /// Settings of the `infl8 watch` service.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -525,11 +482,22 @@ impl Settings {
         if let Some(table) = self.backend_options.get(backend) {
             extra.extend(table.clone());
         }
-        // A backend table may set its own `precision`; the profile's is the default.
+        // A backend table may set its own `precision`; the profile's is the
+        // default. A bad one stays in `extra`, verbatim, for the plugin to
+        // name in its refusal.
+        let precision = extra
+            .get("precision")
+            .and_then(|v| v.as_str())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(self.precision);
         extra
             .entry("precision")
             .or_insert_with(|| self.precision.as_str().into());
-        LoadOptions { threads, extra }
+        LoadOptions {
+            threads,
+            precision,
+            extra,
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -780,6 +748,7 @@ mod tests {
         let s = load(None, env(&[("INFL8_PRECISION", "FP16")]), &json!({})).unwrap();
         assert_eq!(s.precision, Precision::Fp16);
         assert_eq!(s.load_options("tract").extra["precision"], json!("fp16"));
+        assert_eq!(s.load_options("tract").precision, Precision::Fp16);
         let s = load(None, env(&[]), &json!({"precision": "int8"})).unwrap();
         assert_eq!(s.precision, Precision::Int8);
         assert_eq!(

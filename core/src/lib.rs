@@ -5,7 +5,6 @@
 //! windows or slabs that a [`backend::Model`] runs in batches, blended back,
 //! reduced to labels and mapped back onto the input's own grid.
 
-pub mod backend;
 pub mod budget;
 #[cfg(feature = "cli")]
 pub mod cli_args;
@@ -28,4 +27,9 @@ pub mod segment;
 pub mod volume;
 
 pub use backend::{Backend, BackendError, LoadOptions, Model, Tensor, TensorInfo};
+/// The backend contract (traits, tensors, errors, the plugin ABI), which
+/// plugins depend on alone; re-exported so the runtime's users need one
+/// crate.
+pub use infl8_backend as backend;
+pub use infl8_backend::export_plugin;
 pub use volume::Volume;

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use infl8_core::backend::{LoadOptions, Model};
+use infl8_backend::{LoadOptions, Model};
 use infl8_core::config::ModelOverrides;
 use infl8_core::manifest::{self, Manifest, ManifestOrigin, Postprocessing};
 use infl8_core::metrics::{hard_dice, sqnr_db};
@@ -46,7 +46,7 @@ pub enum QuantizeError {
     #[error("{0}")]
     Options(String),
     #[error(transparent)]
-    Backend(#[from] infl8_core::backend::BackendError),
+    Backend(#[from] infl8_backend::BackendError),
     #[error(transparent)]
     Segment(#[from] infl8_core::segment::SegmentError),
     #[error(transparent)]

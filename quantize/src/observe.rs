@@ -2,14 +2,15 @@
 //! calibration sees activations exactly as the runtime computes them, on
 //! the windows the runtime cuts.
 //!
-//! It implements [`infl8_core::Model`], so the segmenter drives it through
+//! It implements [`infl8_backend::Model`], so the segmenter drives it through
 //! the model's own preprocessing, windows and batching.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use infl8_core::backend::{BackendError, Dim, Model, Tensor, TensorInfo};
+use infl8_backend::batch::{Part, Split};
+use infl8_backend::{BackendError, Dim, Model, Tensor, TensorInfo};
 use infl8_onnx::proto::ModelProto;
 use rayon::prelude::*;
 use tract_onnx::prelude::{
@@ -173,29 +174,19 @@ impl Model for ObservedModel {
 
     fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
         self.input.check_run_input(data.len(), shape)?;
-        let batch = shape[0];
-        let item_len = shape[1..].iter().product::<usize>();
-        let mut item_shape = shape.to_vec();
-        item_shape[0] = 1;
-        let plan = self.plan(&item_shape)?;
-        let items: Vec<(Vec<usize>, Vec<f32>)> = (0..batch)
-            .into_par_iter()
-            .map(|b| self.run_item(&plan, &data[b * item_len..(b + 1) * item_len], &item_shape))
-            .collect::<Result<_, _>>()?;
-        let Some((first, _)) = items.first() else {
-            return Tensor::from_vec(vec![0], vec![]);
+        let split = Split::new(data, shape, 1)?;
+        let parts: Vec<Part<'_>> = split.parts().collect();
+        let Some(first) = parts.first() else {
+            return split.concat([], &self.output);
         };
-        let mut out_shape = first.clone();
-        if out_shape.first() != Some(&1) {
-            return Err(BackendError::Run(format!(
-                "one window gave an output of shape {out_shape:?}; the batch must come first"
-            )));
-        }
-        out_shape[0] = batch;
-        let mut out = Vec::with_capacity(items.iter().map(|(_, v)| v.len()).sum());
-        for (_, v) in items {
-            out.extend_from_slice(&v);
-        }
-        Tensor::from_vec(out_shape, out)
+        let plan = self.plan(&first.shape)?;
+        let outputs: Vec<Tensor> = parts
+            .par_iter()
+            .map(|part| {
+                let (shape, values) = self.run_item(&plan, part.data, &part.shape)?;
+                Tensor::from_vec(shape, values)
+            })
+            .collect::<Result<_, _>>()?;
+        split.concat(outputs, &self.output)
     }
 }

@@ -22,12 +22,10 @@ use libloading::Library;
 use tracing::level_filters::LevelFilter;
 
 use super::abi::*;
+use super::raw::{self, Status, check_run_output, lossy, tensor_info};
 use crate::backend::{
-    Backend, BackendError, Dim, ForeignBuffer, LoadOptions, Model, Tensor, TensorInfo,
+    Backend, BackendError, ForeignBuffer, LoadOptions, Model, Tensor, TensorInfo,
 };
-
-/// Room for a plugin's error message; longer ones arrive truncated.
-const ERR_CAP: usize = 4096;
 
 /// More backends than this in one library is a corrupt table, not a plugin.
 const MAX_BACKENDS: u32 = 1024;
@@ -604,19 +602,6 @@ struct CheckedTable {
     tensor_free: Infl8TensorFreeFn,
 }
 
-/// Text of a NUL-terminated string from a plugin; invalid UTF-8 replaced.
-///
-/// # Safety
-/// `p` must be null or point to a NUL-terminated string.
-unsafe fn lossy<'a>(p: *const c_char) -> Option<Cow<'a, str>> {
-    if p.is_null() {
-        None
-    } else {
-        // SAFETY: non-null and NUL-terminated by the caller's contract.
-        Some(unsafe { CStr::from_ptr(p) }.to_string_lossy())
-    }
-}
-
 /// Checks a table the entry returned: version first (only the frozen header
 /// is readable before that), then size, strings and functions.
 ///
@@ -776,7 +761,7 @@ fn host_api(library: &Path) -> &'static Infl8HostApi {
         reserved: 0,
         log_ctx: ptr::from_ref(ctx).cast_mut().cast::<c_void>(),
         log: Some(host_log),
-        rust_tracing_compat: super::tracing_compat().as_ptr(),
+        rust_tracing_compat: infl8_backend::tracing_compat().as_ptr(),
         rust_tracing_dispatch: ptr::from_ref(dispatch).cast::<c_void>(),
     }))
 }
@@ -833,7 +818,7 @@ unsafe extern "C" fn host_log(
     }));
     // Unwinding out of an `extern "C"` callback would abort the process.
     if let Err(payload) = logged {
-        super::export::drop_payload(payload);
+        infl8_backend::export::drop_payload(payload);
     }
 }
 
@@ -849,19 +834,6 @@ struct PluginFns {
     model_io: Infl8ModelIoFn,
     model_run: Infl8ModelRunFn,
     tensor_free: Infl8TensorFreeFn,
-}
-
-/// The message a plugin wrote for a failed call.
-fn plugin_message(status: i32, err: &[u8]) -> String {
-    let message = read_message(err);
-    if message.is_empty() {
-        format!(
-            "the plugin reported {} without a message",
-            status_name(status)
-        )
-    } else {
-        message
-    }
 }
 
 struct PluginBackend {
@@ -894,30 +866,18 @@ impl Backend for PluginBackend {
             .ok()
             .and_then(|j| CString::new(j).ok())
             .ok_or_else(|| BackendError::Other("cannot encode the load options as JSON".into()))?;
-        let mut handle: *mut Infl8Model = ptr::null_mut();
-        let mut err = [0u8; ERR_CAP];
-        // SAFETY: the strings are NUL-terminated and outlive the call, the
-        // out pointer and error buffer are writable; the index was declared
-        // by this plugin.
-        let status = unsafe {
-            (self.fns.model_load)(
-                self.index,
-                path.as_ptr(),
-                json.as_ptr(),
-                &mut handle,
-                err.as_mut_ptr().cast(),
-                err.len(),
-            )
-        };
-        if status != INFL8_OK {
-            let message = plugin_message(status, &err);
-            return Err(match status {
-                INFL8_PANIC => BackendError::Panic(message),
-                INFL8_UNAVAILABLE => BackendError::Unavailable(message),
-                _ => load_error(message),
-            });
-        }
-        let ptr = NonNull::new(handle).ok_or_else(|| {
+        // SAFETY: the function comes from this plugin's checked table and
+        // the index was declared by it.
+        let handle = unsafe { raw::model_load(self.fns.model_load, self.index, &path, &json) }
+            .map_err(|s| {
+                let message = s.text();
+                match s.code {
+                    INFL8_PANIC => BackendError::Panic(message),
+                    INFL8_UNAVAILABLE => BackendError::Unavailable(message),
+                    _ => load_error(message),
+                }
+            })?;
+        let ptr = handle.ok_or_else(|| {
             load_error(format!(
                 "plugin library {} returned OK without a model handle",
                 self.fns.library.display()
@@ -977,26 +937,18 @@ impl ModelHandle {
             input: EMPTY_DESC,
             output: EMPTY_DESC,
         };
-        let mut err = [0u8; ERR_CAP];
-        // SAFETY: live handle, writable out struct and error buffer.
-        let status = unsafe {
-            (self.fns.model_io)(
-                self.ptr.as_ptr(),
-                &mut io,
-                err.as_mut_ptr().cast(),
-                err.len(),
-            )
-        };
-        if status != INFL8_OK {
-            let message = plugin_message(status, &err);
-            return Err(match status {
+        // SAFETY: live handle of this table, writable out struct of the
+        // size it declares.
+        unsafe { raw::model_io(self.fns.model_io, self.ptr.as_ptr(), &mut io) }.map_err(|s| {
+            let message = s.text();
+            match s.code {
                 INFL8_PANIC => BackendError::Panic(message),
                 _ => BackendError::Other(format!(
                     "plugin library {} cannot describe the model: {message}",
                     self.fns.library.display()
                 )),
-            });
-        }
+            }
+        })?;
         // The names stay valid until model_free; tensor_info copies them.
         let info = |desc: &Infl8TensorDesc, default: &str| {
             tensor_info(desc, default).map_err(|reason| {
@@ -1008,32 +960,6 @@ impl ModelHandle {
         };
         Ok((info(&io.input, "input")?, info(&io.output, "output")?))
     }
-}
-
-/// A descriptor as a [`TensorInfo`]. A symbolic first dimension is the batch
-/// (`N`); other symbolic dimensions are unnamed in ABI 1 (`?`).
-pub(crate) fn tensor_info(
-    desc: &Infl8TensorDesc,
-    default_name: &str,
-) -> Result<TensorInfo, String> {
-    let rank = desc.rank as usize;
-    if rank > INFL8_MAX_RANK {
-        return Err(format!("rank {rank} exceeds {INFL8_MAX_RANK}"));
-    }
-    // SAFETY: null or NUL-terminated, valid while the model lives (ABI).
-    let name = unsafe { lossy(desc.name) }.map_or_else(|| default_name.to_owned(), Cow::into_owned);
-    let shape = desc.dims[..rank]
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| match d {
-            INFL8_DIM_SYMBOLIC if i == 0 => Ok(Dim::Symbolic("N".into())),
-            INFL8_DIM_SYMBOLIC => Ok(Dim::Symbolic("?".into())),
-            d => usize::try_from(d)
-                .map(Dim::Fixed)
-                .map_err(|_| format!("dimension {i} of {name} is {d}")),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(TensorInfo { name, shape })
 }
 
 struct PluginModel {
@@ -1060,44 +986,29 @@ impl Model for PluginModel {
         for (slot, &d) in dims.iter_mut().zip(shape) {
             *slot = d as u64;
         }
-        let mut out = Infl8TensorOut {
-            struct_size: size_of::<Infl8TensorOut>() as u32,
-            rank: 0,
-            shape: [0; INFL8_MAX_RANK],
-            data: ptr::null(),
-            len: 0,
-            owner: ptr::null_mut(),
-        };
-        let mut err = [0u8; ERR_CAP];
-        // SAFETY: live handle; `data` holds the product of `dims[..rank]`
-        // values (checked above) and outlives the call; out struct and error
-        // buffer are writable.
-        let status = unsafe {
-            (fns.model_run)(
+        // SAFETY: live handle of this table; `data` holds the product of
+        // `dims[..rank]` values (checked above) and outlives the call.
+        let out = unsafe {
+            raw::model_run(
+                fns.model_run,
                 self.handle.ptr.as_ptr(),
                 data.as_ptr(),
-                dims.as_ptr(),
-                shape.len() as u32,
-                &mut out,
-                err.as_mut_ptr().cast(),
-                err.len(),
+                &dims[..shape.len()],
             )
-        };
-        if status != INFL8_OK {
-            // On failure the out struct is not ours to free (ABI).
-            let message = plugin_message(status, &err);
-            return Err(match status {
-                INFL8_PANIC => BackendError::Panic(message),
-                INFL8_SHAPE_MISMATCH => BackendError::Shape {
-                    got: shape.to_vec(),
-                    expected: match read_message(&err) {
-                        m if m.is_empty() => self.input.to_string(),
-                        m => m,
-                    },
-                },
-                _ => BackendError::Run(message),
-            });
         }
+        // On failure the out struct is not ours to free (ABI).
+        .map_err(|s: Status| match s.code {
+            INFL8_PANIC => BackendError::Panic(s.text()),
+            INFL8_SHAPE_MISMATCH => BackendError::Shape {
+                got: shape.to_vec(),
+                expected: if s.message.is_empty() {
+                    self.input.to_string()
+                } else {
+                    s.message
+                },
+            },
+            _ => BackendError::Run(s.text()),
+        })?;
         // Owned from here on: every early return below frees it.
         let mut buffer = PluginBuffer {
             fns: fns.clone(),
@@ -1116,82 +1027,6 @@ impl Model for PluginModel {
         buffer.len = len;
         Tensor::from_foreign(out_shape, Box::new(buffer))
     }
-}
-
-/// Everything the host checks about the tensor a plugin's `model_run`
-/// returned for an input of `in_shape`, before it trusts the buffer: the
-/// descriptor itself, the model's declared output, and a symbolic batch
-/// that must match the input's. Yields its shape and length. Pure (the data
-/// pointer is checked, never read), so it can be fuzzed without a plugin.
-pub(crate) fn check_run_output(
-    out: &Infl8TensorOut,
-    input: &TensorInfo,
-    output: &TensorInfo,
-    in_shape: &[usize],
-) -> Result<(Vec<usize>, usize), String> {
-    let (out_shape, len) = check_output(out)?;
-    if !output.accepts(&out_shape) {
-        return Err(format!(
-            "shape {out_shape:?} does not fit the declared output {output}"
-        ));
-    }
-    let batch_is_symbolic =
-        |info: &TensorInfo| matches!(info.shape.first(), Some(Dim::Symbolic(_)));
-    if batch_is_symbolic(input)
-        && batch_is_symbolic(output)
-        && out_shape.first() != in_shape.first()
-    {
-        // Not indexed: callers other than `run` need not have checked the
-        // input's rank.
-        let batch = |s: &[usize]| s.first().map_or_else(|| "none".into(), usize::to_string);
-        return Err(format!(
-            "batch of {} for an input batch of {}",
-            batch(&out_shape),
-            batch(in_shape)
-        ));
-    }
-    Ok((out_shape, len))
-}
-
-/// Checks a tensor a plugin returned before anything reads its buffer:
-/// rank, a shape that fits in memory and agrees with the length, non-null
-/// aligned data. Yields its shape and length. Public for tools that drive
-/// the raw ABI (the conformance kit), so they judge outputs as the host does.
-pub fn check_output(out: &Infl8TensorOut) -> Result<(Vec<usize>, usize), String> {
-    let rank = out.rank as usize;
-    if rank > INFL8_MAX_RANK {
-        return Err(format!("rank {rank} exceeds {INFL8_MAX_RANK}"));
-    }
-    let shape = out.shape[..rank]
-        .iter()
-        .map(|&d| usize::try_from(d))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| format!("shape {:?} does not fit in memory", &out.shape[..rank]))?;
-    let want = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| format!("shape {shape:?} overflows"))?;
-    let len = usize::try_from(out.len).map_err(|_| format!("length {} overflows", out.len))?;
-    if want != len {
-        return Err(format!(
-            "shape {shape:?} needs {want} values but the buffer holds {len}"
-        ));
-    }
-    if len > 0 {
-        if out.data.is_null() {
-            return Err(format!("null data for {len} values"));
-        }
-        if !out.data.is_aligned() {
-            return Err("data is not aligned for f32".into());
-        }
-        if len
-            .checked_mul(size_of::<f32>())
-            .is_none_or(|b| b > isize::MAX as usize)
-        {
-            return Err(format!("{len} values do not fit in memory"));
-        }
-    }
-    Ok((shape, len))
 }
 
 /// An output tensor still owned by the plugin; released through
@@ -1239,65 +1074,6 @@ impl Drop for PluginBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn out_with(shape: &[u64], data: &[f32], len: u64) -> Infl8TensorOut {
-        let mut s = [0; INFL8_MAX_RANK];
-        s[..shape.len()].copy_from_slice(shape);
-        Infl8TensorOut {
-            struct_size: size_of::<Infl8TensorOut>() as u32,
-            rank: shape.len() as u32,
-            shape: s,
-            data: data.as_ptr(),
-            len,
-            owner: ptr::null_mut(),
-        }
-    }
-
-    #[test]
-    fn outputs_are_validated() {
-        let data = [0f32; 6];
-        assert_eq!(
-            check_output(&out_with(&[2, 3], &data, 6)),
-            Ok((vec![2, 3], 6))
-        );
-        let e = check_output(&out_with(&[2, 3], &data, 5)).unwrap_err();
-        assert!(e.contains("needs 6 values but the buffer holds 5"), "{e}");
-        let mut bad_rank = out_with(&[2, 3], &data, 6);
-        bad_rank.rank = 9;
-        assert!(check_output(&bad_rank).unwrap_err().contains("rank 9"));
-        let mut null = out_with(&[2], &data, 2);
-        null.data = ptr::null();
-        assert!(check_output(&null).unwrap_err().contains("null data"));
-        let mut empty = out_with(&[0, 3], &data, 0);
-        empty.data = ptr::null();
-        assert_eq!(check_output(&empty), Ok((vec![0, 3], 0)));
-        let huge = out_with(&[u64::MAX, 2], &data, 0);
-        assert!(check_output(&huge).is_err());
-        let mut misaligned = out_with(&[1], &data, 1);
-        misaligned.data = data.as_ptr().cast::<u8>().wrapping_add(1).cast();
-        assert!(check_output(&misaligned).unwrap_err().contains("aligned"));
-    }
-
-    #[test]
-    fn descriptors_become_tensor_infos() {
-        let mut desc = EMPTY_DESC;
-        desc.rank = 3;
-        desc.dims[..3].copy_from_slice(&[INFL8_DIM_SYMBOLIC, 4, INFL8_DIM_SYMBOLIC]);
-        let info = tensor_info(&desc, "input").unwrap();
-        assert_eq!(info.name, "input");
-        assert_eq!(
-            info.shape,
-            vec![
-                Dim::Symbolic("N".into()),
-                Dim::Fixed(4),
-                Dim::Symbolic("?".into())
-            ]
-        );
-        desc.dims[1] = -7;
-        assert!(tensor_info(&desc, "x").unwrap_err().contains("-7"));
-        desc.rank = 9;
-        assert!(tensor_info(&desc, "x").is_err());
-    }
 
     #[test]
     fn plugin_file_names() {

@@ -1,8 +1,11 @@
-//! Backend plugins: the versioned C ABI, the host that loads libraries, and
-//! the export macro.
+//! Backend plugins: the host that loads libraries, and the raw client of the
+//! ABI it and the conformance kit call plugins through. The ABI itself and
+//! the export macro live in infl8-backend (re-exported here).
 //!
-//! - [`abi`]: the `#[repr(C)]` contract (ABI 1.0), written so a C header can
+//! - [`abi`]: the `#[repr(C)]` contract (ABI 1.1), written so a C header can
 //!   be generated from it and a vendor can write a plugin in C.
+//! - [`raw`]: the calls through a plugin's function table, with the checks
+//!   of what comes back, and nothing else.
 //! - [`PluginHost`]: finds `libinfl8_*.so` (platform suffix) in its search
 //!   directories, loads them with `libloading`, checks their ABI version and
 //!   hands out their backends as ordinary [`crate::Backend`]s.
@@ -10,10 +13,11 @@
 //!   fallback chain that can, logging each fallback ([`load_with_fallback`]).
 //! - [`export_plugin!`](crate::export_plugin): turns a list of Rust
 //!   [`crate::Backend`]s into a plugin library; [`export`] holds the glue.
+//!   Plugin crates use it from infl8-backend, which they depend on alone.
 //!
 //! ```ignore
 //! // in a plugin crate (crate-type = ["cdylib"], lib name `infl8_<something>`)
-//! infl8_core::export_plugin! {
+//! infl8_backend::export_plugin! {
 //!     name: "tract",
 //!     version: env!("CARGO_PKG_VERSION"),
 //!     backends: [Box::new(TractBackend::new())],
@@ -28,48 +32,19 @@
 //! let model = backend.load(Path::new("model.onnx"), &LoadOptions::default())?;
 //! ```
 
-pub mod abi;
+pub use infl8_backend::{abi, export};
 mod chain;
 #[cfg(target_os = "linux")]
 mod elf;
-pub mod export;
 mod host;
+pub mod raw;
 
 pub use abi::{INFL8_ABI_MAJOR, INFL8_ABI_MINOR, INFL8_ABI_VERSION};
 pub use chain::{BackendFailure, ChainError, ChainLoad, load_with_fallback};
-pub use host::{BackendInfo, PluginError, PluginHost, PluginSummary, check_output};
+pub use host::{BackendInfo, PluginError, PluginHost, PluginSummary};
+pub use raw::check_output;
 #[cfg(feature = "fuzzing")]
-pub(crate) use host::{check_run_output, tensor_info};
-
-use std::any::TypeId;
-use std::ffi::{CStr, CString};
-use std::sync::OnceLock;
-
-/// Fingerprint of the `tracing-core` build this code was compiled against,
-/// exchanged through [`abi::Infl8HostApi::rust_tracing_compat`].
-///
-/// Sharing a `tracing::Dispatch` across a library boundary is sound only if
-/// both sides agree on its layout and on the vtable layout of the traits it
-/// carries, i.e. same compiler and same `tracing-core` (version, features,
-/// dependencies). The `TypeId` of `Dispatch` captures exactly that: rustc
-/// hashes its own version into every crate's identity, and cargo hashes the
-/// package version, source and features into `-C metadata`. Equal strings
-/// therefore mean "same type"; any doubt yields a different string and the
-/// plugin falls back to the C log callback, which is always safe.
-pub(crate) fn tracing_compat() -> &'static CStr {
-    static COMPAT: OnceLock<CString> = OnceLock::new();
-    COMPAT.get_or_init(|| {
-        let text = format!(
-            "infl8-tracing/1 dispatch={:?} size={} align={}",
-            TypeId::of::<tracing::Dispatch>(),
-            std::mem::size_of::<tracing::Dispatch>(),
-            std::mem::align_of::<tracing::Dispatch>(),
-        );
-        // Debug output of a TypeId and integers never holds a NUL; should a
-        // future std differ, an empty fingerprint merely disables sharing.
-        CString::new(text).unwrap_or_default()
-    })
-}
+pub(crate) use raw::{check_run_output, tensor_info};
 
 #[cfg(test)]
 mod tests {

@@ -32,7 +32,8 @@ pub mod runtime;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
-use infl8_core::backend::{
+use infl8_backend::batch::{self, Split};
+use infl8_backend::{
     Backend, BackendError, Dim, ForeignBuffer, LoadOptions, Model, Tensor, TensorInfo,
 };
 use ort::session::Session;
@@ -42,7 +43,7 @@ use ort::value::{DynValue, Outlet, TensorElementType, TensorRef, ValueType};
 use crate::options::OrtOptions;
 use crate::runtime::{LibraryRequest, Runtime};
 
-infl8_core::export_plugin! {
+infl8_backend::export_plugin! {
     name: "ort",
     version: env!("CARGO_PKG_VERSION"),
     backends: [
@@ -147,10 +148,11 @@ fn load_error(path: &Path, message: impl Into<String>) -> BackendError {
 /// How a batch maps onto `Session::run` calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Batching {
-    /// The batch dimension is symbolic (or fixed above 1): one run.
-    Whole,
-    /// The file fixes a batch of 1: one run per item.
-    Split,
+    /// The batch dimension is symbolic (or fixed above 1): the whole batch
+    /// in one run.
+    OneRun,
+    /// The file fixes a batch of 1: one run per item, in order.
+    ItemByItem,
 }
 
 /// A model in an ONNX Runtime session.
@@ -169,7 +171,12 @@ impl OrtModel {
     pub fn load(path: &Path, provider: Provider, opts: &LoadOptions) -> Result<Self, BackendError> {
         let err = |m: String| load_error(path, m);
         let name = provider.backend_name();
-        let parsed = OrtOptions::parse(&opts.extra, provider).map_err(|e| err(e.to_string()))?;
+        // `extra`'s own `precision` (a backend table's) wins over the typed one.
+        let mut extra = opts.extra.clone();
+        extra
+            .entry(options::KEY_PRECISION)
+            .or_insert_with(|| opts.precision.as_str().into());
+        let parsed = OrtOptions::parse(&extra, provider).map_err(|e| err(e.to_string()))?;
         for key in &parsed.unknown {
             tracing::warn!("{name}: ignoring unknown load option `{key}`");
         }
@@ -252,35 +259,12 @@ impl OrtModel {
         })
     }
 
-    fn run_split(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
-        let batch = shape[0];
-        let item_len: usize = shape[1..].iter().product();
-        let mut item_shape = shape.to_vec();
-        item_shape[0] = 1;
-        let mut out: Vec<f32> = Vec::new();
-        let mut out_shape: Vec<usize> = Vec::new();
-        for b in 0..batch {
-            let value = self.invoke(&data[b * item_len..(b + 1) * item_len], &item_shape)?;
-            let (dims, values) = extract(&value)?;
-            if dims.first() != Some(&1) {
-                return Err(BackendError::Run(format!(
-                    "the model produced shape {dims:?} for one item; the batch must come first"
-                )));
-            }
-            if b == 0 {
-                out_shape = dims;
-                out.reserve_exact(values.len() * batch);
-            } else if dims[1..] != out_shape[1..] {
-                return Err(BackendError::Run(format!(
-                    "batch items produced different shapes: {out_shape:?} and {dims:?}"
-                )));
-            }
-            out.extend_from_slice(values);
-        }
-        if let Some(first) = out_shape.first_mut() {
-            *first = batch;
-        }
-        Tensor::from_vec(out_shape, out)
+    fn run_items(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
+        Split::new(data, shape, 1)?.run_in_order(&self.output, |item, item_shape| {
+            let value = self.invoke(item, item_shape)?;
+            let (dims, _) = extract(&value)?;
+            Tensor::from_foreign(dims, Box::new(OrtBuffer(value)))
+        })
     }
 
     fn run_whole(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
@@ -297,21 +281,6 @@ impl OrtModel {
         // when the host frees the tensor.
         Tensor::from_foreign(dims, Box::new(OrtBuffer(value)))
     }
-
-    /// An empty batch, answered without calling ONNX Runtime.
-    fn run_empty(&self, shape: &[usize]) -> Result<Tensor, BackendError> {
-        let mut dims = vec![0usize];
-        for d in self.output.shape.iter().skip(1) {
-            dims.push(d.fixed().ok_or_else(|| {
-                BackendError::Run(format!(
-                    "an empty batch ({shape:?}) of a model whose output {} is only known at run \
-                     time",
-                    self.output
-                ))
-            })?);
-        }
-        Tensor::from_vec(dims, Vec::new())
-    }
 }
 
 impl Model for OrtModel {
@@ -326,11 +295,12 @@ impl Model for OrtModel {
     fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
         self.input.check_run_input(data.len(), shape)?;
         if shape.first() == Some(&0) {
-            return self.run_empty(shape);
+            // Answered without calling ONNX Runtime.
+            return batch::empty_output(shape, &self.output);
         }
         match self.batching {
-            Batching::Whole => self.run_whole(data, shape),
-            Batching::Split => self.run_split(data, shape),
+            Batching::OneRun => self.run_whole(data, shape),
+            Batching::ItemByItem => self.run_items(data, shape),
         }
     }
 }
@@ -569,12 +539,12 @@ fn describe_io(session: &Session) -> Result<(TensorInfo, TensorInfo, Batching), 
     let batching = match in_batch {
         Some(1) => {
             // A file exported at batch 1 runs item by item: any batch fits.
-            Batching::Split
+            Batching::ItemByItem
         }
-        _ => Batching::Whole,
+        _ => Batching::OneRun,
     };
     let mut input = input;
-    if batching == Batching::Split {
+    if batching == Batching::ItemByItem {
         input.shape[0] = Dim::Symbolic("N".into());
         if let Some(first) = output.shape.first_mut()
             && matches!(first, Dim::Fixed(1) | Dim::Symbolic(_))

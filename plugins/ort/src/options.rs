@@ -7,11 +7,11 @@
 //! This file is also compiled into `infl8 config check` (cli/src/
 //! config_check.rs, by `#[path]`) so profiles are checked by this very
 //! parser without the CLI linking the plugin: it uses nothing of the plugin
-//! but `super::Provider`, and only infl8-core, serde_json and thiserror.
+//! but `super::Provider`, and only infl8-backend, serde_json and thiserror.
 
 use std::path::PathBuf;
 
-use infl8_core::config::Precision;
+use infl8_backend::Precision;
 use serde_json::{Map, Value};
 
 use super::Provider;

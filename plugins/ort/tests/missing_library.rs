@@ -2,7 +2,7 @@
 //! and the problem, never a crash; the failure is remembered for the
 //! process. (Its own test binary: one process loads ONNX Runtime once.)
 
-use infl8_core::backend::{Backend, BackendError, LoadOptions};
+use infl8_backend::{Backend, BackendError, LoadOptions};
 use infl8_ort::{OrtBackend, Provider};
 
 fn with_library(path: &str) -> LoadOptions {

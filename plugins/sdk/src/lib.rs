@@ -1,6 +1,6 @@
 //! The C side of the infl8 plugin ABI.
 //!
-//! `include/infl8_plugin.h` is generated from `core/src/plugin/abi.rs` (the
+//! `include/infl8_plugin.h` is generated from `backend/src/abi.rs` (the
 //! one definition of the ABI) by [`generate_header`]; the tests check that
 //! the committed header is what the Rust definitions produce today, and that
 //! a C compiler lays its structs out exactly as Rust does.
@@ -19,7 +19,7 @@ pub fn header_path() -> PathBuf {
 
 /// The Rust source the header is generated from.
 pub fn abi_source() -> PathBuf {
-    sdk_dir().join("../../core/src/plugin/abi.rs")
+    sdk_dir().join("../../backend/src/abi.rs")
 }
 
 /// Generates the header text from [`abi_source`] with `cbindgen.toml`.

@@ -1,4 +1,4 @@
-//! The committed C header is what cbindgen makes of `core/src/plugin/abi.rs`
+//! The committed C header is what cbindgen makes of `backend/src/abi.rs`
 //! today, and a C compiler lays its structs out byte for byte as Rust does.
 //! `INFL8_BLESS=1` rewrites the header instead of failing.
 
@@ -6,7 +6,7 @@ use std::mem::{offset_of, size_of};
 use std::path::Path;
 use std::process::Command;
 
-use infl8_core::plugin::abi::*;
+use infl8_backend::abi::*;
 use infl8_plugin_sdk::{generate_header, header_path, sdk_dir};
 
 #[test]
@@ -28,7 +28,7 @@ fn committed_header_is_up_to_date() {
                 |i| format!("first difference at line {}", i + 1),
             );
         panic!(
-            "{} is out of date with core/src/plugin/abi.rs ({first}); regenerate it with \
+            "{} is out of date with backend/src/abi.rs ({first}); regenerate it with \
              `INFL8_BLESS=1 cargo test -p infl8-plugin-sdk --test header` and commit it",
             path.display()
         );
@@ -221,6 +221,6 @@ fn a_layout_change_is_caught() {
 #[test]
 fn header_names_the_abi_source() {
     let header = std::fs::read_to_string(header_path()).expect("read the header");
-    assert!(header.contains("core/src/plugin/abi.rs"));
+    assert!(header.contains("backend/src/abi.rs"));
     assert!(Path::new(&infl8_plugin_sdk::abi_source()).is_file());
 }

@@ -2,8 +2,9 @@
 //!
 //! tract runs one model invocation on one thread, so a batch is split into
 //! its items, which run in parallel on a rayon pool sized by
-//! [`LoadOptions::threads`]; their outputs land in one contiguous buffer that
-//! goes to the host without a copy.
+//! [`LoadOptions::threads`]; their outputs are joined by
+//! [`infl8_backend::batch`] into one contiguous buffer that goes to the host
+//! without a copy.
 //!
 //! The batch dimension (the input's first) is made symbolic whatever the
 //! ONNX file says (symbolic, unknown or 1), so any batch size runs. The plan
@@ -14,8 +15,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Once};
 
-use infl8_core::backend::{Backend, BackendError, Dim, LoadOptions, Model, Tensor, TensorInfo};
-use infl8_core::config::Precision;
+use infl8_backend::batch::{Part, Split};
+use infl8_backend::{
+    Backend, BackendError, Dim, LoadOptions, Model, Precision, Tensor, TensorInfo,
+};
 use rayon::prelude::*;
 use tract_onnx::prelude::{
     Datum, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTValue,
@@ -23,7 +26,7 @@ use tract_onnx::prelude::{
 };
 use tract_onnx::tract_hir::infer::GenericFactoid;
 
-infl8_core::export_plugin! {
+infl8_backend::export_plugin! {
     name: "tract",
     version: env!("CARGO_PKG_VERSION"),
     backends: [Box::new(TractBackend::new())],
@@ -86,10 +89,11 @@ fn bridge_log_to_tracing() {
 
 /// How a batch maps onto tract invocations.
 enum Batching {
-    /// Split into items of batch 1, run in parallel.
-    Split,
-    /// The ONNX file fixes a batch other than 1: run it whole.
-    Whole,
+    /// The batch is symbolic: one invocation per item (batch 1), the items
+    /// in parallel.
+    ItemsInParallel,
+    /// The ONNX file fixes a batch other than 1: one invocation, as exported.
+    AsExported,
 }
 
 /// A loaded ONNX model.
@@ -98,9 +102,6 @@ pub struct TractModel {
     input: TensorInfo,
     output: TensorInfo,
     batching: Batching,
-    /// The output shape of one item, if tract knows it at load time: then
-    /// items write straight into the batch's output buffer.
-    item_output: Option<Vec<usize>>,
     pool: rayon::ThreadPool,
 }
 
@@ -117,26 +118,19 @@ impl TractModel {
         if let Err(e) = std::fs::metadata(path) {
             return Err(err(format!("cannot read the model file: {e}")));
         }
-        for (key, value) in &opts.extra {
-            if key == "precision" {
-                // Every backend of a chain gets the profile's precision; tract
-                // has no reduced-precision mode to switch on, which is worth
-                // a warning, not a failed load.
-                match value.as_str().map(str::parse::<Precision>) {
-                    Some(Ok(Precision::Fp32)) => {}
-                    Some(Ok(p)) => tracing::warn!(
-                        "tract: precision {} has no switch here; tract runs the model as stored \
-                         (an INT8 QDQ model file runs as INT8)",
-                        p.as_str()
-                    ),
-                    _ => {
-                        return Err(err(format!(
-                            "load option `precision`: expected fp32, fp16 or int8, got {value}"
-                        )));
-                    }
-                }
-                continue;
-            }
+        // Every backend of a chain gets the profile's precision; tract has
+        // no reduced-precision mode to switch on, which is worth a warning,
+        // not a failed load.
+        match opts.requested_precision() {
+            Ok(Precision::Fp32) => {}
+            Ok(p) => tracing::warn!(
+                "tract: precision {} has no switch here; tract runs the model as stored \
+                 (an INT8 QDQ model file runs as INT8)",
+                p.as_str()
+            ),
+            Err(e) => return Err(err(e.into_message())),
+        }
+        for key in opts.extra.keys().filter(|k| k.as_str() != "precision") {
             tracing::warn!("tract: ignoring unknown load option `{key}`");
         }
         let model = tract_onnx::onnx()
@@ -174,8 +168,8 @@ impl TractModel {
         let input = info(typed.input_outlets())?;
         let output = info(typed.output_outlets())?;
         let batching = match (input.shape.first(), output.shape.first()) {
-            (Some(Dim::Symbolic(_)), Some(Dim::Symbolic(_))) => Batching::Split,
-            (Some(Dim::Fixed(_)), _) => Batching::Whole,
+            (Some(Dim::Symbolic(_)), Some(Dim::Symbolic(_))) => Batching::ItemsInParallel,
+            (Some(Dim::Fixed(_)), _) => Batching::AsExported,
             (_, out) => {
                 return Err(err(format!(
                     "the output's first dimension ({}) is not the batch; infl8 needs \
@@ -187,7 +181,7 @@ impl TractModel {
 
         let runnable = match (&batching, &batch) {
             // One item at a time: specialise the plan to batch 1.
-            (Batching::Split, BatchDim::Symbol(n)) => {
+            (Batching::ItemsInParallel, BatchDim::Symbol(n)) => {
                 let subs = HashMap::from([(n.clone(), TDim::Val(1))]);
                 typed.set_symbols(&subs)
             }
@@ -197,17 +191,6 @@ impl TractModel {
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| err(format!("tract cannot optimise the model: {e:#}")))?;
-        let item_output = match batching {
-            Batching::Split => plan
-                .model()
-                .output_fact(0)
-                .ok()
-                .and_then(|f| f.shape.as_concrete().map(<[usize]>::to_vec))
-                // Items are stacked along the batch axis, so one item's
-                // output must have a batch of 1.
-                .filter(|shape| shape.first() == Some(&1)),
-            Batching::Whole => None,
-        };
 
         let threads = match opts.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -231,7 +214,6 @@ impl TractModel {
             input,
             output,
             batching,
-            item_output,
             pool,
         })
     }
@@ -259,75 +241,21 @@ impl TractModel {
         take(out.shape(), values)
     }
 
-    fn run_split(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
-        let batch = shape[0];
-        let item_len = shape[1..].iter().product::<usize>();
-        let mut item_shape = shape.to_vec();
-        item_shape[0] = 1;
-        let item = |b: usize| &data[b * item_len..(b + 1) * item_len];
-
-        if let Some(item_out) = &self.item_output {
-            let out_len = item_out.iter().product::<usize>();
-            let mut out_shape = item_out.clone();
-            out_shape[0] = batch;
-            let total = batch.checked_mul(out_len).ok_or_else(|| {
-                BackendError::Run(format!("an output of {batch} x {item_out:?} overflows"))
-            })?;
-            let mut out = vec![0f32; total];
-            if out_len > 0 {
-                self.pool.install(|| {
-                    out.par_chunks_mut(out_len)
-                        .enumerate()
-                        .try_for_each(|(b, dst)| {
-                            self.invoke(item(b), &item_shape, |got, values| {
-                                if got != item_out.as_slice() {
-                                    return Err(BackendError::Run(format!(
-                                        "tract produced shape {got:?}, expected {item_out:?}"
-                                    )));
-                                }
-                                dst.copy_from_slice(values);
-                                Ok(())
-                            })
-                        })
-                })?;
-            }
-            return Tensor::from_vec(out_shape, out);
-        }
-
-        // Output shape only known once run (symbolic non-batch dims): collect
-        // the items, then concatenate.
-        let items: Vec<(Vec<usize>, Vec<f32>)> = self.pool.install(|| {
-            (0..batch)
-                .into_par_iter()
-                .map(|b| {
-                    self.invoke(item(b), &item_shape, |got, values| {
-                        Ok((got.to_vec(), values.to_vec()))
+    /// One invocation per item, in parallel on the model's pool.
+    fn run_items(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
+        let split = Split::new(data, shape, 1)?;
+        let parts: Vec<Part<'_>> = split.parts().collect();
+        let outputs: Vec<Tensor> = self.pool.install(|| {
+            parts
+                .par_iter()
+                .map(|part| {
+                    self.invoke(part.data, &part.shape, |got, values| {
+                        Tensor::from_vec(got.to_vec(), values.to_vec())
                     })
                 })
                 .collect::<Result<_, _>>()
         })?;
-        let Some((first_shape, _)) = items.first() else {
-            return Err(BackendError::Run(
-                "an empty batch of a model whose output shape is only known at run time".into(),
-            ));
-        };
-        if first_shape.first() != Some(&1) {
-            return Err(BackendError::Run(format!(
-                "tract produced shape {first_shape:?} for one item; the batch must come first"
-            )));
-        }
-        let mut out_shape = first_shape.clone();
-        out_shape[0] = batch;
-        let mut out = Vec::with_capacity(items.iter().map(|(_, v)| v.len()).sum());
-        for (s, values) in &items {
-            if s != first_shape {
-                return Err(BackendError::Run(format!(
-                    "batch items produced different shapes: {first_shape:?} and {s:?}"
-                )));
-            }
-            out.extend_from_slice(values);
-        }
-        Tensor::from_vec(out_shape, out)
+        split.concat(outputs, &self.output)
     }
 }
 
@@ -343,8 +271,8 @@ impl Model for TractModel {
     fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
         self.input.check_run_input(data.len(), shape)?;
         match self.batching {
-            Batching::Split => self.run_split(data, shape),
-            Batching::Whole => self.invoke(data, shape, |got, values| {
+            Batching::ItemsInParallel => self.run_items(data, shape),
+            Batching::AsExported => self.invoke(data, shape, |got, values| {
                 Tensor::from_vec(got.to_vec(), values.to_vec())
             }),
         }
@@ -515,7 +443,11 @@ mod tests {
         let opts = |precision: &str| {
             let mut extra = serde_json::Map::new();
             extra.insert("precision".into(), precision.into());
-            LoadOptions { threads: 1, extra }
+            LoadOptions {
+                threads: 1,
+                extra,
+                ..Default::default()
+            }
         };
         // fp16/int8 only warn: the profile's precision reaches every backend
         // of a chain, tract as the last fallback included.

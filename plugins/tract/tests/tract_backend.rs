@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use infl8_core::backend::{Backend, BackendError, Dim, LoadOptions};
+use infl8_backend::{Backend, BackendError, Dim, LoadOptions};
 use infl8_onnx::builder::{Attr, Dim as OnnxDim, GraphBuilder};
 use infl8_tract::TractBackend;
 

@@ -5,7 +5,7 @@
 use std::sync::Mutex;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use infl8_core::backend::{BackendError, Dim, Model, Tensor as CoreTensor, TensorInfo};
+use infl8_backend::{BackendError, Dim, Model, Tensor as CoreTensor, TensorInfo};
 
 use crate::model::SegModel;
 

@@ -11,9 +11,9 @@
 
 use std::path::Path;
 
-use infl8_core::backend::{Backend, BackendError, Dim, LoadOptions, Model, Tensor, TensorInfo};
+use infl8_backend::{Backend, BackendError, Dim, LoadOptions, Model, Tensor, TensorInfo};
 
-infl8_core::export_plugin! {
+infl8_backend::export_plugin! {
     name: "crashing",
     version: env!("CARGO_PKG_VERSION"),
     backends: [Box::new(Crashing::Abort), Box::new(Crashing::Hang)],

@@ -22,11 +22,11 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use infl8_core::backend::{
+use infl8_backend::{
     Backend, BackendError, Dim, ForeignBuffer, LoadOptions, Model, Tensor, TensorInfo,
 };
 
-infl8_core::export_plugin! {
+infl8_backend::export_plugin! {
     name: "faulty",
     version: env!("CARGO_PKG_VERSION"),
     backends: [

@@ -6,7 +6,7 @@
 use std::ffi::c_char;
 use std::ptr;
 
-use infl8_core::plugin::abi::{
+use infl8_backend::abi::{
     INFL8_ABI_MISMATCH, INFL8_INVALID_ARGUMENT, INFL8_OK, Infl8HostApi, Infl8PluginTable,
     abi_major, abi_version,
 };

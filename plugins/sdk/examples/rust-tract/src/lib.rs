@@ -10,14 +10,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use infl8_core::backend::{Backend, BackendError, Dim, LoadOptions, Model, Tensor, TensorInfo};
+use infl8_backend::batch::Split;
+use infl8_backend::{Backend, BackendError, Dim, LoadOptions, Model, Tensor, TensorInfo};
 use tract_onnx::prelude::{
     Datum, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TractError,
     TypedRunnableModel, tvec,
 };
 use tract_onnx::tract_hir::infer::GenericFactoid;
 
-infl8_core::export_plugin! {
+infl8_backend::export_plugin! {
     name: "example-rust",
     version: env!("CARGO_PKG_VERSION"),
     backends: [Box::new(ExampleBackend)],
@@ -118,24 +119,15 @@ impl Model for ExampleModel {
         // into INFL8_SHAPE_MISMATCH with the message.
         self.input.check_run_input(data.len(), shape)?;
         let run_error = |e: TractError| BackendError::Run(format!("{e:#}"));
-        let mut item_shape = shape.to_vec();
-        item_shape[0] = 1;
-        let item_len: usize = shape[1..].iter().product();
-        let mut out = Vec::new();
-        for item in data.chunks_exact(item_len.max(1)).take(shape[0]) {
-            let x =
-                tract_onnx::prelude::Tensor::from_shape(&item_shape, item).map_err(run_error)?;
+        // The plan runs batch 1: the helper feeds it one item at a time and
+        // joins the outputs, checking that each comes back batch-first.
+        Split::new(data, shape, 1)?.run_in_order(&self.output, |item, item_shape| {
+            let x = tract_onnx::prelude::Tensor::from_shape(item_shape, item).map_err(run_error)?;
             let y = self.plan.run(tvec![x.into_tvalue()]).map_err(run_error)?;
             let y = y[0].cast_to::<f32>().map_err(run_error)?;
-            let y = y.try_as_plain_ram().map_err(run_error)?;
-            out.extend_from_slice(y.as_slice::<f32>().map_err(run_error)?);
-        }
-        // All but the batch are fixed (checked at load).
-        let out_shape = self
-            .output
-            .shape
-            .iter()
-            .map(|d| d.fixed().unwrap_or(shape[0]));
-        Tensor::from_vec(out_shape.collect(), out)
+            let values = y.try_as_plain_ram().map_err(run_error)?;
+            let values = values.as_slice::<f32>().map_err(run_error)?;
+            Tensor::from_vec(y.shape().to_vec(), values.to_vec())
+        })
     }
 }

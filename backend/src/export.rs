@@ -1,5 +1,5 @@
 //! The plugin side of the ABI: generic glue that turns Rust [`Backend`]s into
-//! the C function table of [`super::abi`].
+//! the C function table of [`crate::abi`].
 //!
 //! Plugin authors use [`export_plugin!`](crate::export_plugin); the items
 //! here are public only because the macro expands to them.
@@ -22,14 +22,14 @@ use tracing::level_filters::LevelFilter;
 use tracing::span;
 use tracing::{Event, Level, Metadata, Subscriber};
 
-use super::abi::*;
-use crate::backend::{Backend, BackendError, Dim, LoadOptions, Model, Tensor, TensorInfo};
+use crate::abi::*;
+use crate::{Backend, BackendError, Dim, LoadOptions, Model, Tensor, TensorInfo};
 
 /// Generates a plugin library's entry symbol and function table from a list
 /// of backends.
 ///
 /// ```ignore
-/// infl8_core::export_plugin! {
+/// infl8_backend::export_plugin! {
 ///     name: "tract",
 ///     version: env!("CARGO_PKG_VERSION"),
 ///     backends: [Box::new(TractBackend::new())],
@@ -50,13 +50,13 @@ macro_rules! export_plugin {
         #[doc(hidden)]
         pub struct __Infl8ExportedPlugin;
 
-        impl $crate::plugin::export::PluginExport for __Infl8ExportedPlugin {
-            fn state() -> &'static $crate::plugin::export::PluginState {
-                static STATE: $crate::plugin::export::PluginState =
-                    $crate::plugin::export::PluginState::new($name, $version, || {
+        impl $crate::export::PluginExport for __Infl8ExportedPlugin {
+            fn state() -> &'static $crate::export::PluginState {
+                static STATE: $crate::export::PluginState =
+                    $crate::export::PluginState::new($name, $version, || {
                         ::std::vec![
                             $({
-                                let backend: ::std::boxed::Box<dyn $crate::backend::Backend> =
+                                let backend: ::std::boxed::Box<dyn $crate::Backend> =
                                     $backend;
                                 backend
                             }),*
@@ -66,20 +66,20 @@ macro_rules! export_plugin {
             }
         }
 
-        /// The infl8 plugin entry point (ABI in `infl8_core::plugin::abi`).
+        /// The infl8 plugin entry point (ABI in `infl8_backend::abi`).
         ///
         /// # Safety
         /// Called by an infl8 host with pointers valid as the ABI describes.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn infl8_plugin_entry(
             host_abi_version: u32,
-            host: *const $crate::plugin::abi::Infl8HostApi,
-            out_table: *mut *const $crate::plugin::abi::Infl8PluginTable,
+            host: *const $crate::abi::Infl8HostApi,
+            out_table: *mut *const $crate::abi::Infl8PluginTable,
         ) -> i32 {
             // SAFETY: the host upholds the entry's contract; `entry` checks
             // every pointer it dereferences.
             unsafe {
-                $crate::plugin::export::entry::<__Infl8ExportedPlugin>(
+                $crate::export::entry::<__Infl8ExportedPlugin>(
                     host_abi_version,
                     host,
                     out_table,
@@ -212,22 +212,17 @@ impl Failure {
 impl From<BackendError> for Failure {
     fn from(e: BackendError) -> Self {
         // The host rebuilds the same variant from the status, so only the
-        // inner message crosses (no "cannot load model ..." twice).
-        let (status, message) = match e {
-            BackendError::Load { message, .. } => (INFL8_LOAD_FAILED, message),
-            BackendError::Run(m) => (INFL8_RUN_FAILED, m),
-            // The host knows the shape it passed: only what was expected crosses.
-            BackendError::Shape { expected, .. } => (INFL8_SHAPE_MISMATCH, expected),
-            BackendError::Panic(m) => (INFL8_PANIC, m),
-            BackendError::Unavailable(m) => (INFL8_UNAVAILABLE, m),
-            BackendError::Other(m) => (INFL8_ERROR, m),
-        };
-        Failure { status, message }
+        // inner message crosses (no "cannot load model ..." twice; the host
+        // knows the shape it passed).
+        Failure {
+            status: e.kind().status(),
+            message: e.into_message(),
+        }
     }
 }
 
 /// The text of a panic payload (`panic!` gives `&str` or `String`).
-pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -237,8 +232,9 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
-/// Drops a panic payload without letting a panicking `Drop` escape.
-pub(crate) fn drop_payload(payload: Box<dyn Any + Send>) {
+/// Drops a panic payload without letting a panicking `Drop` escape (also
+/// what the host's own `extern "C"` callbacks do with a caught panic).
+pub fn drop_payload(payload: Box<dyn Any + Send>) {
     let _ = catch_unwind(AssertUnwindSafe(move || drop(payload)));
 }
 
@@ -622,7 +618,7 @@ unsafe extern "C" fn tensor_free(owner: *mut c_void) -> i32 {
 /// statically into the host binary)? Then `tracing` and `log` are already the
 /// host's own and must be left alone.
 fn same_image(host: &Infl8HostApi) -> bool {
-    ptr::eq(host.rust_tracing_compat, super::tracing_compat().as_ptr())
+    ptr::eq(host.rust_tracing_compat, crate::tracing_compat().as_ptr())
 }
 
 /// Routes this library's `tracing` events (and, through them, `log` records
@@ -672,7 +668,7 @@ fn host_dispatch(host: &Infl8HostApi) -> Result<tracing::Dispatch, String> {
     }
     // SAFETY: non-null and NUL-terminated by the host API contract.
     let theirs = unsafe { CStr::from_ptr(host.rust_tracing_compat) };
-    let ours = super::tracing_compat();
+    let ours = crate::tracing_compat();
     if ours.is_empty() || theirs != ours {
         return Err(format!(
             "tracing builds differ: host {}, plugin {}",

@@ -1,29 +1,14 @@
 //! What a compute backend offers the runtime: load a model, describe its
 //! I/O, run a batch. In-process implementations (tests) and plugins loaded
-//! from shared libraries (see [`crate::plugin`]) both implement these traits.
+//! from shared libraries (infl8-core's plugin host) both implement these
+//! traits.
 
 use std::fmt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    #[error("cannot load model {path}: {message}")]
-    Load { path: String, message: String },
-    #[error("model run failed: {0}")]
-    Run(String),
-    #[error("input shape {got:?} does not fit the model's input {expected}")]
-    Shape { got: Vec<usize>, expected: String },
-    #[error("backend panicked: {0}")]
-    Panic(String),
-    /// The backend cannot run on this machine at all (no runtime library,
-    /// no GPU, no driver): not a fault of the model or of the plugin.
-    #[error("backend unavailable on this machine: {0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Other(String),
-}
+use crate::{BackendError, Precision};
 
 /// One dimension of a model tensor: a fixed size, or symbolic (e.g. the batch).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,8 +92,35 @@ pub struct LoadOptions {
     #[serde(default)]
     pub threads: usize,
     /// Backend-specific settings (e.g. TensorRT cache dirs), passed through.
+    /// The runtime's settings also mirror `precision` here, verbatim from a
+    /// backend's own table when it has one: plugins written against the
+    /// first options format (the SDK's C example among them) read it there.
     #[serde(default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Arithmetic the backend may use (the settings' `precision`). A backend
+    /// that cannot honour it warns or refuses; it never fails silently.
+    // Serialised after `extra`, so a plugin that takes the first
+    // `"precision"` of the JSON text still finds the backend's own value.
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// Key of [`LoadOptions::extra`] that may carry the precision.
+const PRECISION_KEY: &str = "precision";
+
+impl LoadOptions {
+    /// The precision to load with: `extra`'s `precision` when present (a
+    /// backend's own setting, checked here), else [`LoadOptions::precision`].
+    pub fn requested_precision(&self) -> Result<Precision, BackendError> {
+        match self.extra.get(PRECISION_KEY) {
+            None => Ok(self.precision),
+            Some(value) => value.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                BackendError::InvalidArgument(format!(
+                    "load option `{PRECISION_KEY}`: expected fp32, fp16 or int8, got {value}"
+                ))
+            }),
+        }
+    }
 }
 
 /// A buffer owned by someone else (a plugin), released when dropped.
@@ -226,5 +238,28 @@ mod tests {
         assert!(Tensor::from_vec(vec![2, 3], vec![0.0; 6]).is_ok());
         assert!(Tensor::from_vec(vec![2, 3], vec![0.0; 5]).is_err());
         assert!(Tensor::from_vec(vec![usize::MAX, 3], vec![]).is_err());
+    }
+
+    #[test]
+    fn precision_comes_from_extra_first() {
+        let mut opts = LoadOptions {
+            precision: Precision::Fp16,
+            ..Default::default()
+        };
+        assert_eq!(opts.requested_precision().unwrap(), Precision::Fp16);
+        opts.extra.insert("precision".into(), "INT8".into());
+        assert_eq!(opts.requested_precision().unwrap(), Precision::Int8);
+        opts.extra.insert("precision".into(), "fp8".into());
+        let e = opts.requested_precision().unwrap_err();
+        assert!(
+            matches!(&e, BackendError::InvalidArgument(m) if m.contains("fp8")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn options_without_precision_read_as_fp32() {
+        let opts: LoadOptions = serde_json::from_str(r#"{"threads": 2, "extra": {}}"#).unwrap();
+        assert_eq!((opts.threads, opts.precision), (2, Precision::Fp32));
     }
 }

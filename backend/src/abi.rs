@@ -211,8 +211,9 @@ pub struct Infl8BackendDesc {
 
 /// Loads `model_path` (NUL-terminated UTF-8) with the backend at
 /// `backend_index`. `options_json` is a NUL-terminated JSON object
-/// (`{"threads": 0, "extra": {...}}`), or null for defaults; unknown keys
-/// must be ignored. On success stores a new handle in `*out_model`.
+/// (`{"threads": 0, "extra": {...}, "precision": "fp32"}`; the infl8 host
+/// also mirrors `precision` into `extra`), or null for defaults; unknown
+/// keys must be ignored. On success stores a new handle in `*out_model`.
 pub type Infl8ModelLoadFn = unsafe extern "C" fn(
     backend_index: u32,
     model_path: *const c_char,
