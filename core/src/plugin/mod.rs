@@ -37,6 +37,7 @@ mod chain;
 #[cfg(target_os = "linux")]
 mod elf;
 mod host;
+mod host_api;
 pub mod raw;
 
 pub use abi::{INFL8_ABI_MAJOR, INFL8_ABI_MINOR, INFL8_ABI_VERSION};
