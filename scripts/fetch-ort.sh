@@ -16,7 +16,7 @@
 # package registry is contacted (pip download --no-deps); wheels are checked
 # against the SHA-256 sums below. Idempotent; each folder is replaced
 # atomically (a symlink to a versioned folder), so a reader never sees half
-# a library. INFL8_ORT_CACHE overrides .cache/onnxruntime (tests).
+# a library. ORT_FETCH_CACHE overrides .cache/onnxruntime (tests).
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -30,7 +30,7 @@ declare -A WHEEL_SHA256=(
 )
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-cache=${INFL8_ORT_CACHE:-$root/.cache/onnxruntime}
+cache=${ORT_FETCH_CACHE:-$root/.cache/onnxruntime}
 python=${PYTHON:-python3}
 want_cpu=1
 want_gpu=0

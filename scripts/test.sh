@@ -6,7 +6,7 @@
 # (scripts/tests/). Cargo runs with --locked: the
 # committed Cargo.lock is what gets built.
 #
-# With INFL8_TIMINGS=FILE, appends one "PHASE SECONDS" line per phase
+# With TEST_PHASE_TIMINGS=FILE, appends one "PHASE SECONDS" line per phase
 # (fetch, build, tests) to FILE (.ci/run prints them as a table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ phase_start=$(date +%s)
 phase() { # records the time since the previous phase under "$1"
     local t
     t=$(date +%s)
-    [ -z "${INFL8_TIMINGS:-}" ] || echo "$1 $((t - phase_start))" >>"$INFL8_TIMINGS"
+    [ -z "${TEST_PHASE_TIMINGS:-}" ] || echo "$1 $((t - phase_start))" >>"$TEST_PHASE_TIMINGS"
     phase_start=$t
 }
 

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use infl8_core::nifti_io::{self, ReadLimits};
-use infl8_suite::{brain_case, brain_model, infl8, ok, s};
+use infl8_suite::{brain_case, brain_model, infl8, ok, s, segment};
 
 fn dice(a: &Path, b: &Path) -> f64 {
     let limits = ReadLimits::default();
@@ -29,17 +29,12 @@ fn segment_case(id: &str, dir: &Path) -> f64 {
     let (image, label) = brain_case(id);
     let out = dir.join(format!("{id}_mask.nii.gz"));
     let preview = dir.join(format!("{id}.png"));
-    ok(&infl8(&[
-        "segment",
-        "--model",
-        s(&brain_model()),
-        "--input",
-        s(&image),
-        "--output",
-        s(&out),
-        "--preview",
-        s(&preview),
-    ]));
+    ok(&segment(
+        &brain_model(),
+        &image,
+        &out,
+        &["--preview", s(&preview)],
+    ));
     let limits = ReadLimits::default();
     let vin = nifti_io::read_volume(&image, &limits).unwrap();
     let vout = nifti_io::read_volume(&out, &limits).unwrap();

@@ -9,7 +9,7 @@ use std::process::Output;
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use infl8_core::nifti_io::{self, ReadLimits};
-use infl8_suite::{example_model, infl8, ok, run_with_env, s, t1_2mm};
+use infl8_suite::{example_model, infl8, ok, run_with_env, s, segment, t1_2mm};
 
 fn stderr(r: &Output) -> String {
     String::from_utf8_lossy(&r.stderr).into_owned()
@@ -197,15 +197,7 @@ fn a_small_gzip_declaring_half_a_billion_voxels_is_refused_by_default() {
     let model = example_model(dir.path(), 48);
     let out = dir.path().join("out.nii.gz");
     // No profile, no flags: the defaults refuse it from the header.
-    let r = infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&bomb),
-        "--output",
-        s(&out),
-    ]);
+    let r = segment(&model, &bomb, &out, &[]);
     refused(
         &r,
         &["bomb.nii.gz", "536870912 voxels", "limits.max_voxels"],
@@ -265,27 +257,9 @@ fn folder_mode_writes_the_good_volumes_and_reports_the_bad_one() {
     let evil = "b\nERROR forged line.nii.gz";
     std::fs::write(inbox.join(evil), &bytes[..bytes.len() / 2]).unwrap();
     let single = dir.path().join("single.nii.gz");
-    ok(&infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&t1_2mm()),
-        "--output",
-        s(&single),
-    ]));
+    ok(&segment(&model, &t1_2mm(), &single, &[]));
     let report = dir.path().join("report.json");
-    let r = infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&inbox),
-        "--output",
-        s(&outbox),
-        "--report",
-        s(&report),
-    ]);
+    let r = segment(&model, &inbox, &outbox, &["--report", s(&report)]);
     // Exit status 1 when any volume failed (README, "Bad input").
     let e = stderr(&r);
     assert_eq!(r.status.code(), Some(1), "{e}");

@@ -15,7 +15,7 @@ use infl8_core::plugin::PluginHost;
 use infl8_onnx::builder::{Attr, Dim as OnnxDim, GraphBuilder};
 use infl8_onnx::examples::pseudo_random as values;
 use infl8_suite::{
-    example_model, infl8, infl8_ort, ok, ort_library, plugin_lib, run_with_env, s, t1_2mm,
+    example_model, infl8, infl8_ort, ok, ort_library, plugin_lib, run_with_env, s, segment, t1_2mm,
 };
 
 fn host() -> PluginHost {
@@ -250,7 +250,7 @@ fn a_missing_or_broken_onnx_runtime_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let model = example_model(dir.path(), 32);
     let out = dir.path().join("mask.nii.gz");
-    let segment = |lib: &Path| {
+    let segment_ort = |lib: &Path| {
         run_with_env(
             "infl8",
             &[
@@ -269,7 +269,7 @@ fn a_missing_or_broken_onnx_runtime_is_a_clear_error() {
     };
 
     let missing = dir.path().join("nowhere/libonnxruntime.so");
-    let err = failed_cleanly(&segment(&missing), &out);
+    let err = failed_cleanly(&segment_ort(&missing), &out);
     assert!(
         err.contains(s(&missing))
             && err.contains("does not exist")
@@ -279,7 +279,7 @@ fn a_missing_or_broken_onnx_runtime_is_a_clear_error() {
 
     let broken = dir.path().join("libonnxruntime.so");
     std::fs::write(&broken, b"not a shared library").unwrap();
-    let err = failed_cleanly(&segment(&broken), &out);
+    let err = failed_cleanly(&segment_ort(&broken), &out);
     assert!(
         err.contains("cannot load ONNX Runtime") && err.contains(s(&broken)),
         "{err}"
@@ -323,15 +323,7 @@ fn a_fallback_chain_logs_each_fallback_and_runs_on_the_first_that_loads() {
     let dir = tempfile::tempdir().unwrap();
     let model = example_model(dir.path(), 32);
     let reference = dir.path().join("tract.nii.gz");
-    ok(&infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&t1_2mm()),
-        "--output",
-        s(&reference),
-    ]));
+    ok(&segment(&model, &t1_2mm(), &reference, &[]));
 
     let out = dir.path().join("chain.nii.gz");
     let r = infl8_ort(&[
@@ -443,10 +435,9 @@ fn a_profile_names_the_chain_and_the_library() {
 /// `infl8 ARGS` with no `ORT_DYLIB_PATH` and the per-user data folder at
 /// `data` (`HOME` too, so nothing of this machine's user leaks in).
 fn infl8_without_env(args: &[&str], data: &Path) -> std::process::Output {
-    std::process::Command::new(infl8_suite::bin("infl8"))
+    infl8_suite::command("infl8")
         .args(args)
         .env("INFL8_PLUGIN_DIRS", infl8_suite::target_dir())
-        .env("RUST_LOG", "warn")
         .env_remove("ORT_DYLIB_PATH")
         .env("XDG_DATA_HOME", data)
         .env("HOME", data)
@@ -461,7 +452,7 @@ fn infl8_without_env(args: &[&str], data: &Path) -> std::process::Output {
 fn ort_cpu_finds_onnx_runtime_in_the_user_data_folder() {
     let dir = tempfile::tempdir().unwrap();
     let model = example_model(dir.path(), 32);
-    let segment = |data: &Path, out: &Path| {
+    let segment_ort = |data: &Path, out: &Path| {
         infl8_without_env(
             &[
                 "segment",
@@ -482,7 +473,7 @@ fn ort_cpu_finds_onnx_runtime_in_the_user_data_folder() {
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     let out = dir.path().join("none.nii.gz");
-    let err = failed_cleanly(&segment(&empty, &out), &out);
+    let err = failed_cleanly(&segment_ort(&empty, &out), &out);
     let searched = empty.join("infl8/onnxruntime");
     assert!(
         err.contains("unavailable on this machine")
@@ -523,17 +514,9 @@ fn ort_cpu_finds_onnx_runtime_in_the_user_data_folder() {
     }
     std::os::unix::fs::symlink("onnxruntime-test", data.join("infl8/onnxruntime")).unwrap();
     let out = dir.path().join("ort.nii.gz");
-    ok(&segment(&data, &out));
+    ok(&segment_ort(&data, &out));
     let tract = dir.path().join("tract.nii.gz");
-    ok(&infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&t1_2mm()),
-        "--output",
-        s(&tract),
-    ]));
+    ok(&segment(&model, &t1_2mm(), &tract, &[]));
     let limits = ReadLimits::default();
     let (a, b) = (
         nifti_io::read_volume(&out, &limits).unwrap(),

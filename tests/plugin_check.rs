@@ -122,7 +122,7 @@ fn ort_library_conforms_with_gpu_backends_skipped() {
 fn a_library_none_of_whose_backends_can_run_does_not_conform() {
     let dir = tempfile::tempdir().unwrap();
     let lib = plugin_lib("infl8_ort");
-    let o = std::process::Command::new(infl8_suite::bin("infl8"))
+    let o = infl8_suite::command("infl8")
         .args(["plugin", "check", s(&lib)])
         .env("INFL8_PLUGIN_DIRS", infl8_suite::target_dir())
         .env_remove("ORT_DYLIB_PATH")

@@ -756,7 +756,7 @@ fn only_the_libraries_of_the_requested_backends_are_opened() {
 #[cfg(target_os = "linux")]
 #[test]
 fn infl8_segment_opens_only_the_backend_it_runs_on() {
-    use infl8_suite::{example_model, infl8, ok, s, t1_2mm};
+    use infl8_suite::{example_model, infl8, ok, s, segment, t1_2mm};
     let dir = tempfile::tempdir().unwrap();
     let plugins = dir.path().join("plugins");
     std::fs::create_dir(&plugins).unwrap();
@@ -764,19 +764,12 @@ fn infl8_segment_opens_only_the_backend_it_runs_on() {
     spy_library(&plugins, "spy", &marker, true);
     let model = example_model(dir.path(), 48);
     let out = dir.path().join("out.nii.gz");
-    ok(&infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&t1_2mm()),
-        "--output",
-        s(&out),
-        "--backend",
-        "tract",
-        "--plugin-dir",
-        s(&plugins),
-    ]));
+    ok(&segment(
+        &model,
+        &t1_2mm(),
+        &out,
+        &["--backend", "tract", "--plugin-dir", s(&plugins)],
+    ));
     let labels = infl8_core::nifti_io::read_volume(&out, &Default::default()).unwrap();
     assert!(labels.data.iter().any(|&v| v == 1.0));
     assert!(

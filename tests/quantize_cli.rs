@@ -7,7 +7,7 @@ use std::path::Path;
 
 use infl8_core::metrics::hard_dice;
 use infl8_core::nifti_io::{self, ReadLimits};
-use infl8_suite::{brain_case, brain_model, infl8, infl8_ort, ok, run, s};
+use infl8_suite::{brain_case, brain_model, infl8, infl8_ort, ok, run, s, segment};
 
 fn labels(p: &Path) -> Vec<u8> {
     let v = nifti_io::read_volume(p, &ReadLimits::default()).unwrap();
@@ -52,15 +52,7 @@ fn quantized_brain_model_matches_fp32_on_both_cpu_backends() {
 
     // The INT8 model keeps the manifest: it runs without any flag.
     let fp32_out = dir.path().join("fp32.nii.gz");
-    ok(&infl8(&[
-        "segment",
-        "--model",
-        s(&brain_model()),
-        "--input",
-        s(&image),
-        "--output",
-        s(&fp32_out),
-    ]));
+    ok(&segment(&brain_model(), &image, &fp32_out, &[]));
     let info = ok(&infl8(&["info", s(&int8)]));
     assert!(info.contains("precision: INT8 QDQ"), "{info}");
     assert!(info.contains("FLOPs per window"), "{info}");

@@ -2,7 +2,9 @@
 //! plugin loaded from its shared library.
 
 use infl8_core::nifti_io::{self, ReadLimits};
-use infl8_suite::{example_model, infl8, mni152, ok, s, t1_2mm};
+use infl8_suite::{
+    command, example_model, infl8, mni152, ok, plugin_profile, s, segment, small_volumes, t1_2mm,
+};
 
 #[test]
 fn segments_a_real_mri_on_the_input_grid() {
@@ -11,19 +13,12 @@ fn segments_a_real_mri_on_the_input_grid() {
     let out = dir.path().join("mask.nii.gz");
     let logits = dir.path().join("logits.nii.gz");
     let input = t1_2mm();
-    ok(&infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&input),
-        "--output",
-        s(&out),
-        "--save-logits",
-        s(&logits),
-        "--threads",
-        "2",
-    ]));
+    ok(&segment(
+        &model,
+        &input,
+        &out,
+        &["--save-logits", s(&logits), "--threads", "2"],
+    ));
     let limits = ReadLimits::default();
     let vin = nifti_io::read_volume(&input, &limits).unwrap();
     let vout = nifti_io::read_volume(&out, &limits).unwrap();
@@ -133,15 +128,7 @@ fn foreign_model_without_manifest_runs_with_flags() {
     let out = dir.path().join("seg.nii.gz");
 
     // No manifest, symbolic spatial dims: the window size must be given.
-    let r = infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&input),
-        "--output",
-        s(&out),
-    ]);
+    let r = segment(&model, &input, &out, &[]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(
@@ -196,28 +183,12 @@ fn folder_mode_segments_every_volume() {
     std::fs::copy(t1_2mm(), inbox.join("a.nii.gz")).unwrap();
     std::fs::copy(t1_2mm(), inbox.join("b.nii.gz")).unwrap();
     std::fs::write(inbox.join("notes.txt"), "not an image").unwrap();
-    ok(&infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&inbox),
-        "--output",
-        s(&outbox),
-    ]));
+    ok(&segment(&model, &inbox, &outbox, &[]));
     assert_eq!(std::fs::read_dir(&outbox).unwrap().count(), 2);
     // Each output is the input's own segmentation: what a single-file run
     // gives, on the input's grid.
     let single = dir.path().join("single.nii.gz");
-    ok(&infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&t1_2mm()),
-        "--output",
-        s(&single),
-    ]));
+    ok(&segment(&model, &t1_2mm(), &single, &[]));
     let limits = ReadLimits::default();
     let want = nifti_io::read_volume(&single, &limits).unwrap();
     let head = want.data.iter().filter(|&&l| l == 1.0).count() as f64 / want.data.len() as f64;
@@ -265,17 +236,7 @@ fn bad_inputs_fail_cleanly_without_output() {
 
     // Too large for the configured limit: refused from the header.
     let out = dir.path().join("big.nii.gz");
-    let r = infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&t1_2mm()),
-        "--output",
-        s(&out),
-        "--max-voxels",
-        "1000",
-    ]);
+    let r = segment(&model, &t1_2mm(), &out, &["--max-voxels", "1000"]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(
@@ -287,17 +248,7 @@ fn bad_inputs_fail_cleanly_without_output() {
     assert!(!out.exists());
 
     // A backend nobody provides.
-    let r = infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&t1_2mm()),
-        "--output",
-        s(&out),
-        "--backend",
-        "no-such-backend",
-    ]);
+    let r = segment(&model, &t1_2mm(), &out, &["--backend", "no-such-backend"]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(
@@ -309,19 +260,7 @@ fn bad_inputs_fail_cleanly_without_output() {
     let two = dir.path().join("two-channel.onnx");
     let m = infl8_onnx::examples::pointwise_model(&[-1.0, 1.0], &[0.0, 0.0], 2);
     infl8_onnx::write_model(&m, &two).unwrap();
-    let r = infl8(&[
-        "segment",
-        "--model",
-        s(&two),
-        "--input",
-        s(&t1_2mm()),
-        "--output",
-        s(&out),
-        "--roi",
-        "32",
-        "32",
-        "32",
-    ]);
+    let r = segment(&two, &t1_2mm(), &out, &["--roi", "32", "32", "32"]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("channel"), "{err}");
@@ -402,16 +341,91 @@ fn example_model_segments_the_head_of_a_real_mri() {
     ok(&infl8(&["example-model", "--out", s(&model)]));
     // Into a folder that does not exist yet.
     let out = dir.path().join("out/head_mask.nii.gz");
-    ok(&infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&t1_2mm()),
-        "--output",
-        s(&out),
-    ]));
+    ok(&segment(&model, &t1_2mm(), &out, &[]));
     let v = nifti_io::read_volume(&out, &ReadLimits::default()).unwrap();
     let head = v.data.iter().filter(|&&l| l == 1.0).count() as f64 / v.data.len() as f64;
     assert!((0.3..0.8).contains(&head), "head fraction {head}");
+}
+
+/// A plugin that aborts or hangs inside a call fails its volumes with a
+/// message naming it, in a worker process per volume: the command itself
+/// neither dies with the plugin nor waits past `limits.timeout_s`, the
+/// report lists every volume, and no temporary file is left behind.
+#[test]
+fn a_plugin_that_aborts_or_hangs_fails_each_volume_with_a_clear_error() {
+    for (backend, limits, isolation, expected) in [
+        ("crash-abort", "", "process", "SIGABRT"),
+        // `auto`: a timeout is set, so each volume runs in a worker.
+        ("crash-hang", "timeout_s = 1", "auto", "timed out"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let (inbox, outbox) = (root.join("in"), root.join("out"));
+        std::fs::create_dir_all(&inbox).unwrap();
+        for (name, bytes) in ["a.nii.gz", "b.nii.gz"].iter().zip(small_volumes(2)) {
+            std::fs::write(inbox.join(name), bytes).unwrap();
+        }
+        let model = example_model(root, 16);
+        let config = plugin_profile(root, "infl8test_crashing", backend, limits);
+        let report = root.join("report.json");
+        let t = std::time::Instant::now();
+        let out = command("infl8")
+            .args(["segment", "--model", s(&model), "--input", s(&inbox)])
+            .args(["--output", s(&outbox), "--config", s(&config)])
+            .args(["--report", s(&report), "--isolation", isolation])
+            .output()
+            .unwrap();
+        let took = t.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
+        for name in ["a.nii.gz", "b.nii.gz"] {
+            let line = stderr
+                .lines()
+                .find(|l| l.contains(name) && l.contains(expected))
+                .unwrap_or_else(|| panic!("{backend}: no error naming {name}:\n{stderr}"));
+            assert!(line.contains(backend), "{backend}: {line}");
+        }
+        if backend == "crash-abort" {
+            assert!(stderr.contains("libinfl8_infl8test_crashing"), "{stderr}");
+        } else {
+            // Two volumes, each killed a grace second past its 1 s limit,
+            // plus two model loads: far from a hang.
+            assert!(took.as_secs() < 30, "{backend}: took {took:?}");
+        }
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let errors: Vec<&str> = r
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["error"].as_str())
+            .collect();
+        assert_eq!(errors.len(), 2, "{backend}: {r}");
+        let left: Vec<_> = std::fs::read_dir(&outbox).unwrap().collect();
+        assert!(left.is_empty(), "{backend}: left {left:?}");
+    }
+}
+
+/// A worker process gives the same labels as the command's own process.
+#[test]
+fn a_volume_in_a_worker_process_gives_the_same_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = example_model(dir.path(), 32);
+    let [inproc, worker] = ["off", "process"].map(|isolation| {
+        let out = dir.path().join(format!("{isolation}.nii.gz"));
+        ok(&infl8(&[
+            "segment",
+            "--model",
+            s(&model),
+            "--input",
+            s(&t1_2mm()),
+            "--output",
+            s(&out),
+            "--isolation",
+            isolation,
+        ]));
+        nifti_io::read_volume(&out, &ReadLimits::default()).unwrap()
+    });
+    assert_eq!(inproc.data, worker.data);
+    assert_eq!(inproc.affine, worker.affine);
 }

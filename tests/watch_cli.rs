@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use infl8_core::nifti_io::{self, ReadLimits};
-use infl8_suite::{bin, example_model, infl8, ok, plugin_lib, s, t1_2mm};
+use infl8_suite::{example_model, infl8, ok, plugin_profile, s, segment, small_volumes, t1_2mm};
 use serde_json::Value;
 
 #[test]
@@ -22,17 +22,9 @@ fn watch_segments_a_real_scan_as_segment_does() {
     let input = t1_2mm();
 
     let direct = dir.path().join("direct_seg.nii.gz");
-    ok(&infl8(&[
-        "segment",
-        "--model",
-        s(&model),
-        "--input",
-        s(&input),
-        "--output",
-        s(&direct),
-    ]));
+    ok(&segment(&model, &input, &direct, &[]));
 
-    let mut child = Command::new(bin("infl8"))
+    let mut child = infl8_suite::command("infl8")
         .args([
             "watch",
             "--inbox",
@@ -42,7 +34,6 @@ fn watch_segments_a_real_scan_as_segment_does() {
             "--model",
             s(&model),
         ])
-        .env_remove("INFL8_CONFIG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -102,18 +93,13 @@ impl Watch {
     fn start(root: &Path, tag: &str, args: &[&str]) -> Watch {
         let log = root.join(format!("{tag}.log"));
         let file = fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(bin("infl8"));
+        let mut cmd = infl8_suite::command("infl8");
         cmd.arg("watch")
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("INFL8_") {
-                cmd.env_remove(k);
-            }
-        }
         Watch {
             child: cmd.spawn().expect("start infl8 watch"),
             log,
@@ -174,53 +160,6 @@ unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
 
-/// A profile running test plugin `lib` (copied under a name discovery
-/// takes) as `backend`, fast to react.
-fn profile(root: &Path, lib: &str, backend: &str, limits: &str) -> std::path::PathBuf {
-    let plugins = root.join("plugins");
-    fs::create_dir_all(&plugins).unwrap();
-    fs::copy(
-        plugin_lib(lib),
-        plugins.join(format!(
-            "{}infl8_{lib}{}",
-            std::env::consts::DLL_PREFIX,
-            std::env::consts::DLL_SUFFIX
-        )),
-    )
-    .unwrap();
-    let p = root.join(format!("{backend}.toml"));
-    fs::write(
-        &p,
-        format!(
-            "backend = \"{backend}\"\nplugin_dirs = [\"{}\"]\nthreads = 1\n\
-             [limits]\n{limits}\n\
-             [watch]\nstable_secs = 0.3\npoll_ms = 50\n",
-            s(&plugins)
-        ),
-    )
-    .unwrap();
-    p
-}
-
-/// `n` small volumes cut from the T1, as `.nii.gz` bytes.
-fn small_volumes(n: usize) -> Vec<Vec<u8>> {
-    let t1 = nifti_io::read_volume(&t1_2mm(), &ReadLimits::default()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    (0..n)
-        .map(|i| {
-            let o = 20 + 2 * i;
-            let data = t1
-                .data
-                .slice(ndarray::s![.., o..o + 16, 30..46, 30..46])
-                .to_owned();
-            let v = infl8_core::Volume::new(data, t1.affine);
-            let p = dir.path().join("v.nii.gz");
-            nifti_io::write_volume(&p, &v, nifti_io::DataType::F32).unwrap();
-            fs::read(&p).unwrap()
-        })
-        .collect()
-}
-
 /// Delivered as a sender would: under `.part`, then renamed.
 fn deliver(inbox: &Path, name: &str, bytes: &[u8]) {
     let part = inbox.join(format!("{name}.part"));
@@ -257,7 +196,7 @@ fn a_hanging_and_an_aborting_plugin_fail_their_inputs_and_the_service_goes_on() 
         let (inbox, outbox) = (root.join("in"), root.join("out"));
         fs::create_dir_all(&inbox).unwrap();
         let model = example_model(root, 16);
-        let config = profile(root, "infl8test_crashing", backend, "timeout_s = 1");
+        let config = plugin_profile(root, "infl8test_crashing", backend, "timeout_s = 1");
         let mut w = Watch::start(
             root,
             backend,
@@ -320,7 +259,7 @@ fn two_services_on_one_inbox_process_each_file_once() {
     let inbox = root.join("in");
     fs::create_dir_all(&inbox).unwrap();
     let model = example_model(root, 16);
-    let config = profile(root, "infl8test_faulty", "faulty-marker", "");
+    let config = plugin_profile(root, "infl8test_faulty", "faulty-marker", "");
     let outboxes = [root.join("out1"), root.join("out2")];
     let mut services: Vec<Watch> = outboxes
         .iter()
@@ -401,7 +340,7 @@ fn a_read_only_outbox_keeps_the_input_until_it_can_be_written() {
             .is_ok_and(|s| s.success())
     };
     let model = example_model(root, 16);
-    let config = profile(root, "infl8test_faulty", "faulty-marker", "");
+    let config = plugin_profile(root, "infl8test_faulty", "faulty-marker", "");
     let mut w = Watch::start(
         root,
         "ro",

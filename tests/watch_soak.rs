@@ -2,10 +2,14 @@
 //! MNI152 T1 arrive in the inbox of a running service while it is killed
 //! (SIGKILL) and restarted at random moments and stopped once with SIGTERM.
 //! Some inputs are poison: truncated, garbage, empty, NaN voxels, too many
-//! voxels, or carrying a marker voxel the `faulty-marker` backend refuses
-//! to run. They arrive three ways: written at once, written slowly as
-//! `*.part` then renamed, and written in chunks under their final name
-//! (taken only once their size is stable).
+//! voxels, a 2 TB sparse file (over the default `limits.max_input_bytes`),
+//! carrying a marker voxel the `faulty-marker` backend refuses to run, or
+//! one on which that backend hangs for good (killed at `limits.timeout_s`).
+//! Some good ones have names of 250 bytes. They arrive three ways: written
+//! at once, written slowly as `*.part` then renamed, and written in chunks
+//! under their final name (taken only once their size is stable). For a
+//! few seconds the outbox is read-only (immutable): the inputs met then
+//! must wait, not fail.
 //!
 //! At the end every good input must have exactly one complete output (a
 //! readable label map on its grid that is the segmentation of *its* voxels)
@@ -30,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use infl8_core::nifti_io::{self, DataType, ReadLimits};
 use infl8_core::volume::Volume;
-use infl8_suite::{bin, example_model, plugin_lib, s, t1_2mm};
+use infl8_suite::{example_model, plugin_lib, s, t1_2mm};
 use nalgebra::Matrix4;
 use ndarray::Array4;
 use serde_json::Value;
@@ -44,6 +48,15 @@ const STABLE_SECS: f64 = 1.5;
 /// the good volumes are drawn with every |z| under `MAX_GOOD_Z`.
 const MARKER: f32 = 1e7;
 const MARKER_ABOVE: f64 = 20.0;
+/// A voxel of -`MARKER` makes `faulty-marker` hang (z-score at most -41).
+const HANG_BELOW: f64 = -20.0;
+/// `limits.timeout_s`: a hanging volume costs this and a second.
+const TIMEOUT_S: f64 = 5.0;
+/// The sparse file's size: far over the default `limits.max_input_bytes`
+/// (4 GiB), a few KiB on disk.
+const SPARSE_LEN: u64 = 2 << 40;
+/// The longest names: 250 bytes, and 255 with `.part`.
+const LONG_NAME: usize = 250;
 const MAX_GOOD_Z: f64 = 8.0;
 /// `limits.max_voxels`, which bounds the file's grid and the model's grid
 /// alike: the good volumes' model grids have at most 47^3 = 103823 voxels
@@ -75,12 +88,23 @@ impl Rng {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Good,
+    /// Good, with a name of `LONG_NAME` bytes.
+    LongName,
     Truncated,
     Garbage,
     Empty,
     Marker,
     NonFinite,
     TooLarge,
+    /// The bytes of a small good volume, then a hole to `SPARSE_LEN`.
+    Sparse,
+    Hang,
+}
+
+impl Kind {
+    fn is_good(self) -> bool {
+        matches!(self, Kind::Good | Kind::LongName)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -204,6 +228,8 @@ fn inputs(n: usize, rng: &mut Rng, stage: &Path) -> Vec<Input> {
         (Kind::Marker, 8),
         (Kind::NonFinite, 2),
         (Kind::TooLarge, 2),
+        (Kind::Sparse, 1),
+        (Kind::Hang, 1),
     ];
     let per: usize = bad.iter().map(|b| b.1).sum();
     let mut kinds = Vec::new();
@@ -211,6 +237,7 @@ fn inputs(n: usize, rng: &mut Rng, stage: &Path) -> Vec<Input> {
         // At least one of each, however few volumes.
         kinds.extend(std::iter::repeat_n(k, (n * w).div_ceil(per * 4).max(1)));
     }
+    kinds.extend(std::iter::repeat_n(Kind::LongName, (n / 50).max(1)));
     assert!(kinds.len() < n / 2, "{n} volumes are too few for a soak");
     kinds.resize(n, Kind::Good);
     // Shuffle (Fisher-Yates) so poison arrives among good inputs.
@@ -221,7 +248,13 @@ fn inputs(n: usize, rng: &mut Rng, stage: &Path) -> Vec<Input> {
     for (i, kind) in kinds.into_iter().enumerate() {
         let gz = rng.chance(0.6);
         let ext = if gz { ".nii.gz" } else { ".nii" };
-        let name = format!("v{i:03}-{}{ext}", format!("{kind:?}").to_lowercase());
+        let ext = if kind == Kind::Sparse { ".nii" } else { ext };
+        let mut name = format!("v{i:03}-{}", format!("{kind:?}").to_lowercase());
+        if kind == Kind::LongName {
+            let pad = LONG_NAME - name.len() - ext.len();
+            name.push_str(&"n".repeat(pad));
+        }
+        name.push_str(ext);
         let good_volume = |rng: &mut Rng, step: usize| loop {
             let dims = [0; 3].map(|_: usize| rng.range(12, 24) as usize);
             let v = cut(&t1, rng, dims, step);
@@ -239,7 +272,7 @@ fn inputs(n: usize, rng: &mut Rng, stage: &Path) -> Vec<Input> {
             }
         };
         let (bytes, volume) = match kind {
-            Kind::Good => {
+            Kind::Good | Kind::LongName => {
                 let step = if rng.chance(0.3) { 2 } else { 1 };
                 let v = good_volume(rng, step);
                 let dt = dtype(rng, &v);
@@ -290,8 +323,19 @@ fn inputs(n: usize, rng: &mut Rng, stage: &Path) -> Vec<Input> {
                 assert!(v.voxel_count() > MAX_VOXELS);
                 (encode(stage, &name, &v, DataType::I16), None)
             }
+            Kind::Sparse => (
+                encode(stage, &name, &good_volume(rng, 1), DataType::F32),
+                None,
+            ),
+            Kind::Hang => {
+                let mut v = good_volume(rng, 1);
+                let d = v.dims();
+                let at = [0, 1, 2].map(|a| rng.range(0, d[a] as u64 - 1) as usize);
+                v.data[[0, at[0], at[1], at[2]]] = -MARKER;
+                (encode(stage, &name, &v, DataType::F32), None)
+            }
         };
-        let delivery = if bytes.is_empty() {
+        let delivery = if bytes.is_empty() || kind == Kind::Sparse {
             Delivery::AtOnce
         } else {
             delivery(rng)
@@ -327,6 +371,12 @@ fn deliver(inbox: &Path, input: &Input) -> std::io::Result<()> {
         Ok(())
     };
     let dest = inbox.join(&input.name);
+    if input.kind == Kind::Sparse {
+        // The hole first, then the bytes: never a stable short file.
+        let f = fs::File::create(&dest)?;
+        f.set_len(SPARSE_LEN)?;
+        return std::os::unix::fs::FileExt::write_all_at(&f, &input.bytes, 0);
+    }
     match &input.delivery {
         Delivery::AtOnce => fs::write(&dest, &input.bytes),
         Delivery::SlowPart { pauses_ms } => {
@@ -356,18 +406,12 @@ impl Service {
             .unwrap();
         self.starts += 1;
         writeln!(&log, "----- start {} -----", self.starts).unwrap();
-        let mut cmd = Command::new(bin("infl8"));
+        let mut cmd = infl8_suite::command("infl8");
         cmd.args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        // Only the profile configures this service.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("INFL8_") {
-                cmd.env_remove(k);
-            }
-        }
         self.child = Some(cmd.spawn().expect("start infl8 watch"));
     }
 
@@ -560,6 +604,32 @@ impl Soak {
     }
 }
 
+/// `chattr +i` on a folder while it lives: no file can be created, renamed
+/// or removed in it.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Immutable {
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "chattr +i {} (root, on a file system with attributes) is needed",
+            dir.display()
+        );
+        Immutable(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
 /// Tells the writers to stop when the test ends early.
 struct Abort(Arc<AtomicBool>);
 
@@ -620,12 +690,13 @@ fn watch_survives_kills_poison_and_slow_writers() {
              threads = 1\n\
              window_batch = 4\n\
              [model]\nzscore = true\n\
-             [limits]\nmax_voxels = {MAX_VOXELS}\ntimeout_s = 60\n\
+             [limits]\nmax_voxels = {MAX_VOXELS}\ntimeout_s = {TIMEOUT_S}\n\
              [watch]\nstable_secs = {STABLE_SECS}\npoll_ms = 50\nmove_inputs = true\n\
              # Above the number of kills: an input the kills keep hitting is\n\
              # not the input's fault here.\n\
              max_attempts = 50\n\
-             [backend_options.faulty-marker]\nmarker_above = {MARKER_ABOVE}\n",
+             [backend_options.faulty-marker]\nmarker_above = {MARKER_ABOVE}\n\
+             hang_below = {HANG_BELOW}\n",
             s(&plugins)
         ),
     )
@@ -746,6 +817,13 @@ fn watch_survives_kills_poison_and_slow_writers() {
         }
         soak.nap(Duration::from_millis(rng.range(0, 300)));
         soak.svc.start();
+        if round == 1 {
+            // A few seconds of a read-only outbox (EPERM for root too): the
+            // volumes met then wait in the inbox and are done afterwards.
+            let ro = Immutable::set(&outbox);
+            soak.nap(Duration::from_millis(2500));
+            drop(ro);
+        }
     }
     eprintln!(
         "soak: faults done at {:.1} s; {hits} of 6 kills hit a volume in progress, \
@@ -799,13 +877,17 @@ fn watch_survives_kills_poison_and_slow_writers() {
 
     check_results(&inputs, &inbox, &outbox, &soak.svc.log);
 
-    let st = Command::new(bin("infl8"))
+    let st = infl8_suite::command("infl8")
         .args(["watch", "--status", "--outbox", s(&outbox)])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&st.stdout);
     assert!(st.status.success(), "{text}");
-    let good = by_kind.get(&Kind::Good).copied().unwrap_or(0);
+    let good: usize = by_kind
+        .iter()
+        .filter(|(k, _)| k.is_good())
+        .map(|(_, n)| n)
+        .sum();
     let field = |key: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(key))
@@ -858,7 +940,7 @@ fn check_results(inputs: &[Input], inbox: &Path, outbox: &Path, log: &Path) {
             .unwrap_or_else(|| panic!("{name} was never taken {}", ctx()));
         let ext = extension(name);
         let filed = format!("{slot}{ext}");
-        if input.kind == Kind::Good {
+        if input.kind.is_good() {
             assert_eq!(got, ["done"], "{name}: outcomes {got:?} {}", ctx());
             let output = format!("{slot}_seg.nii.gz");
             let report = format!("{slot}.report.json");
@@ -930,11 +1012,22 @@ fn check_results(inputs: &[Input], inbox: &Path, outbox: &Path, log: &Path) {
             if input.kind == Kind::TooLarge {
                 assert!(error.contains("max_voxels"), "{name}: {error}");
             }
-            assert_eq!(
-                fs::read(outbox.join("failed").join(&filed)).unwrap(),
-                input.bytes,
-                "{name}: failed/{filed} is not the input"
-            );
+            if input.kind == Kind::Hang {
+                assert_eq!(e["kind"], "timeout", "{name}: {e}");
+                assert!(error.contains("timed out"), "{name}: {error}");
+            }
+            let failed = outbox.join("failed").join(&filed);
+            if input.kind == Kind::Sparse {
+                assert_eq!(e["kind"], "limit", "{name}: {e}");
+                assert!(error.contains("max_input_bytes"), "{name}: {error}");
+                assert_eq!(fs::metadata(&failed).unwrap().len(), SPARSE_LEN, "{name}");
+            } else {
+                assert_eq!(
+                    fs::read(&failed).unwrap(),
+                    input.bytes,
+                    "{name}: failed/{filed} is not the input"
+                );
+            }
         }
     }
     // Exactly these files: no temporary, partial or duplicate one.
@@ -952,6 +1045,9 @@ fn check_results(inputs: &[Input], inbox: &Path, outbox: &Path, log: &Path) {
     assert_eq!(names(&outbox.join(".infl8")), state);
     // One outcome per input and no outcome for anything else.
     assert_eq!(outcomes.len(), inputs.len());
+    // The read-only outbox was met (and waited out, as checked above).
+    let deferred = records.iter().filter(|r| r["event"] == "deferred").count();
+    assert!(deferred > 0, "no input met the read-only outbox {}", ctx());
     eprintln!(
         "soak: {} taken records for {} inputs; worst mask agreement {:.2}%",
         records.iter().filter(|r| r["event"] == "taken").count(),

@@ -4,20 +4,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::Result;
 use infl8_backend::{Backend, Model};
 use infl8_core::config::{self, Settings};
-use infl8_core::fsio;
 use infl8_core::inference::{BlendMode, SlidingWindow};
 use infl8_core::manifest::{self, InferenceMode, Manifest};
 use infl8_core::plugin::PluginHost;
 use infl8_core::preprocess::{Normalization, PreprocessSpec};
-use infl8_core::preview::{self, PreviewOptions};
-use infl8_core::segment::{SegmentReport, Segmenter};
-use tracing::{error, info, warn};
+use infl8_core::segment::Segmenter;
+use tracing::{info, warn};
 
-use crate::flags::{ExampleModelArgs, InfoArgs, RuntimeArgs, SegmentArgs};
+use crate::flags::{ExampleModelArgs, InfoArgs, RuntimeArgs};
 use crate::limits::{Deadline, DeadlineModel};
 
 pub(crate) fn settings_for(runtime: &RuntimeArgs, layer: &serde_json::Value) -> Result<Settings> {
@@ -42,14 +39,31 @@ fn open_host(settings: &Settings) -> PluginHost {
     host
 }
 
+/// A model loaded on a backend, and the library that backend came from.
+struct LoadedModel {
+    backend: Arc<dyn Backend>,
+    model: Box<dyn Model>,
+    library: PathBuf,
+}
+
 /// The model, loaded on the first backend of the settings' chain that can
 /// (each fallback is logged with its reason).
-fn load_model(settings: &Settings, model: &Path) -> Result<(Arc<dyn Backend>, Box<dyn Model>)> {
+fn load_model(settings: &Settings, model: &Path) -> Result<LoadedModel> {
     let host = open_host(settings);
     let loaded = host.load_model(&settings.backend_chain(), model, |name| {
         settings.load_options(name)
     })?;
-    Ok((loaded.backend, loaded.model))
+    let library = host
+        .backends()
+        .into_iter()
+        .find(|b| b.name == loaded.backend.name())
+        .map(|b| b.library)
+        .unwrap_or_default();
+    Ok(LoadedModel {
+        backend: loaded.backend,
+        model: loaded.model,
+        library,
+    })
 }
 
 pub(crate) fn is_nifti(p: &Path) -> bool {
@@ -58,19 +72,6 @@ pub(crate) fn is_nifti(p: &Path) -> bool {
         .map(|n| n.to_string_lossy().to_lowercase())
         .unwrap_or_default();
     (name.ends_with(".nii") || name.ends_with(".nii.gz")) && !name.starts_with('.')
-}
-
-/// One volume to segment and where its results go.
-struct Job {
-    input: PathBuf,
-    output: PathBuf,
-    logits: Option<PathBuf>,
-    preview: Option<PathBuf>,
-}
-
-/// `name.nii.gz` / `name.nii` -> `name.png`.
-fn preview_name(input_name: &std::ffi::OsStr) -> String {
-    format!("{}.png", nifti_stem(input_name))
 }
 
 /// `name.nii.gz` / `name.nii` -> `name` (other names unchanged).
@@ -90,116 +91,6 @@ pub(crate) fn nifti_stem(input_name: &std::ffi::OsStr) -> String {
         &name
     };
     stem.to_string()
-}
-
-/// The jobs for a file or a folder.
-fn jobs(a: &SegmentArgs) -> Result<Vec<Job>> {
-    if !a.input.is_dir() {
-        if !a.input.exists() {
-            bail!("input {} does not exist", a.input.display());
-        }
-        if a.output.is_dir() {
-            bail!(
-                "output {} is a folder but the input is a file: give an output file name",
-                a.output.display()
-            );
-        }
-        if let Some(p) = a.preview.as_ref().filter(|p| p.is_dir()) {
-            bail!(
-                "preview {} is a folder but the input is a file: give a .png file name",
-                p.display()
-            );
-        }
-        for p in std::iter::once(&a.output)
-            .chain(a.save_logits.as_ref())
-            .chain(a.preview.as_ref())
-        {
-            if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create folder {}", parent.display()))?;
-            }
-        }
-        return Ok(vec![Job {
-            input: a.input.clone(),
-            output: a.output.clone(),
-            logits: a.save_logits.clone(),
-            preview: a.preview.clone(),
-        }]);
-    }
-    std::fs::create_dir_all(&a.output)
-        .with_context(|| format!("cannot create output folder {}", a.output.display()))?;
-    if let Some(l) = &a.save_logits {
-        std::fs::create_dir_all(l)
-            .with_context(|| format!("cannot create logits folder {}", l.display()))?;
-    }
-    if let Some(p) = &a.preview {
-        std::fs::create_dir_all(p)
-            .with_context(|| format!("cannot create preview folder {}", p.display()))?;
-    }
-    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&a.input)
-        .with_context(|| format!("cannot list {}", a.input.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && is_nifti(p))
-        .collect();
-    inputs.sort();
-    if inputs.is_empty() {
-        bail!("no .nii or .nii.gz files in {}", a.input.display());
-    }
-    let jobs: Vec<Job> = inputs
-        .into_iter()
-        .filter_map(|p| {
-            let name = p.file_name()?.to_owned();
-            Some(Job {
-                output: a.output.join(&name),
-                logits: a.save_logits.as_ref().map(|d| d.join(&name)),
-                preview: a.preview.as_ref().map(|d| d.join(preview_name(&name))),
-                input: p,
-            })
-        })
-        .collect();
-    // `x.nii` and `x.nii.gz` would both preview as `x.png`: refuse rather
-    // than let one silently replace the other.
-    let mut seen = std::collections::HashMap::new();
-    for j in &jobs {
-        if let Some(p) = &j.preview
-            && let Some(other) = seen.insert(p, &j.input)
-        {
-            bail!(
-                "{} and {} would both write the preview {}",
-                other.display(),
-                j.input.display(),
-                p.display()
-            );
-        }
-    }
-    Ok(jobs)
-}
-
-/// Every file the run will write can be written, checked before the work:
-/// a symbolic link is removed first when `--replace-symlinks` asks, else
-/// refused (as is a folder or a name too long), a device is written through.
-fn check_targets(a: &SegmentArgs, jobs: &[Job]) -> Result<()> {
-    let outputs = jobs
-        .iter()
-        .flat_map(|j| [Some(&j.output), j.logits.as_ref(), j.preview.as_ref()])
-        .chain([a.report.as_ref()])
-        .flatten();
-    for p in outputs {
-        let is_link = std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
-        if is_link && a.replace_symlinks {
-            std::fs::remove_file(p)
-                .with_context(|| format!("cannot remove the symbolic link {}", p.display()))?;
-        }
-        fsio::check_target(p)?;
-    }
-    Ok(())
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
 }
 
 /// `s` with control characters (a newline in a file name) escaped, so a
@@ -225,156 +116,6 @@ pub(crate) fn log_path(p: &Path) -> String {
     log_safe(&p.display().to_string()).into_owned()
 }
 
-pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
-    let settings = settings_for(&a.runtime, &a.layer())?;
-    // Before any output exists: a report that cannot be written must not be
-    // found out only after every volume was segmented.
-    if let Some(r) = &a.report
-        && r.is_dir()
-    {
-        bail!(
-            "report {} is a folder: give a file name (one JSON file lists every volume)",
-            r.display()
-        );
-    }
-    let jobs = jobs(&a)?;
-    check_targets(&a, &jobs)?;
-    for j in &jobs {
-        if same_file(&j.input, &j.output) {
-            bail!("output {} would overwrite the input", j.output.display());
-        }
-        if let Some(p) = &j.preview {
-            if same_file(&j.input, p) {
-                bail!("preview {} would overwrite the input", p.display());
-            }
-            if p == &j.output || same_file(&j.output, p) {
-                bail!("preview {} would overwrite the segmentation", p.display());
-            }
-        }
-    }
-    let Prepared {
-        segmenter,
-        deadline,
-        ..
-    } = prepare(&settings, &a.model)?;
-    let limits = settings.limits.read_limits();
-    let mut reports: Vec<SegmentReport> = Vec::new();
-    let mut failures = 0usize;
-    let mut preview_failures = 0usize;
-    // With a single input the failure becomes the command's error, after
-    // the report is written.
-    let mut single_preview_error = None;
-    let n = jobs.len();
-    for (i, job) in jobs.iter().enumerate() {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:30}] {pos}/{len} windows, {elapsed_precise} (eta {eta})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_message(format!(
-            "[{}/{}] {}",
-            i + 1,
-            n,
-            log_safe(&job.input.file_name().unwrap_or_default().to_string_lossy())
-        ));
-        let progress = |done: u64, total: u64| {
-            bar.set_length(total);
-            bar.set_position(done);
-        };
-        let mut preview_result = None;
-        deadline.start();
-        let result = segmenter.segment_file_with(
-            &job.input,
-            &job.output,
-            job.logits.as_deref(),
-            &limits,
-            &progress,
-            |vol, labels| {
-                if let Some(path) = &job.preview {
-                    let opts = PreviewOptions::default();
-                    preview_result = Some(preview::write_preview_png(path, vol, labels, &opts));
-                }
-            },
-        );
-        bar.finish_and_clear();
-        match result {
-            Ok(r) => {
-                info!(
-                    input = %log_path(&r.input),
-                    output = %log_path(&r.output),
-                    dims = ?r.dims,
-                    windows = r.windows,
-                    read_s = format!("{:.2}", r.read_s),
-                    infer_s = format!("{:.2}", r.infer_s),
-                    write_s = format!("{:.2}", r.write_s),
-                    label_voxels = ?r.label_voxels,
-                    "segmented"
-                );
-                match (preview_result, &job.preview) {
-                    (Some(Ok(())), Some(p)) => info!(preview = %log_path(p), "preview written"),
-                    (Some(Err(e)), _) => {
-                        preview_failures += 1;
-                        let msg = format!(
-                            "preview failed (the segmentation {} was written): {e}",
-                            r.output.display()
-                        );
-                        if n == 1 {
-                            single_preview_error = Some(msg);
-                        } else {
-                            error!("{}", log_safe(&msg));
-                        }
-                    }
-                    _ => {}
-                }
-                reports.push(r);
-            }
-            Err(e) => {
-                failures += 1;
-                let e = if deadline.expired() {
-                    deadline.error(&job.input)
-                } else {
-                    e.into()
-                };
-                if n == 1 {
-                    return Err(e);
-                }
-                let reason = format!("{e:#}");
-                error!("{}", log_safe(&reason));
-                // Folder mode: the report lists the failures with the rest.
-                reports.push(SegmentReport {
-                    input: job.input.clone(),
-                    output: job.output.clone(),
-                    error: Some(reason),
-                    ..SegmentReport::default()
-                });
-            }
-        }
-    }
-    if let Some(path) = &a.report {
-        let json = serde_json::to_string_pretty(&reports)?;
-        fsio::write_atomic(path, json.as_bytes())?;
-    }
-    if let Some(msg) = single_preview_error {
-        bail!(msg);
-    }
-    if failures > 0 {
-        eprintln!("{failures} of {n} volumes failed (see the errors above)");
-    }
-    if preview_failures > 0 {
-        eprintln!(
-            "{preview_failures} of {n} previews failed; their segmentations were written \
-             (see the errors above)"
-        );
-    }
-    if failures > 0 || preview_failures > 0 {
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 /// A model loaded and resolved against its manifest, the window batch sized
 /// by the memory budget, and the per-volume deadline armed: how `segment`
 /// and `watch` run a model.
@@ -382,13 +123,19 @@ pub(crate) struct Prepared {
     pub segmenter: Segmenter,
     /// The backend of the chain that loaded the model.
     pub backend: String,
+    /// The plugin library that backend came from.
+    pub library: PathBuf,
     /// Restart with [`Deadline::start`] before each volume.
     pub deadline: Deadline,
 }
 
 pub(crate) fn prepare(settings: &Settings, model_path: &Path) -> Result<Prepared> {
     crate::limits::check_declared_input(&settings.limits, model_path)?;
-    let (backend, model) = load_model(settings, model_path)?;
+    let LoadedModel {
+        backend,
+        model,
+        library,
+    } = load_model(settings, model_path)?;
     let (manifest, origin) =
         manifest::resolve(model_path, model.input(), model.output(), &settings.model)?;
     info!(
@@ -405,7 +152,7 @@ pub(crate) fn prepare(settings: &Settings, model_path: &Path) -> Result<Prepared
         &manifest,
         model.as_ref(),
     )?;
-    let deadline = Deadline::new(settings.limits.timeout_s);
+    let deadline = Deadline::new(settings.limits.timeout());
     Ok(Prepared {
         segmenter: Segmenter {
             model: DeadlineModel::wrap(model, &deadline),
@@ -414,6 +161,7 @@ pub(crate) fn prepare(settings: &Settings, model_path: &Path) -> Result<Prepared
             manifest,
         },
         backend: backend.name().to_string(),
+        library,
         deadline,
     })
 }
@@ -495,7 +243,9 @@ pub fn info(a: InfoArgs) -> Result<ExitCode> {
     }
     if a.load {
         let settings = settings_for(&a.runtime, &serde_json::Value::Object(a.runtime.layer()))?;
-        let (backend, m) = load_model(&settings, &a.model)?;
+        let LoadedModel {
+            backend, model: m, ..
+        } = load_model(&settings, &a.model)?;
         println!("loaded on {}:", backend.name());
         println!("  input:  {}", m.input());
         println!("  output: {}", m.output());

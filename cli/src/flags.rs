@@ -66,6 +66,26 @@ pub struct SegmentArgs {
     /// link's target is left alone). Without it such a link is refused.
     #[arg(long)]
     pub replace_symlinks: bool,
+    /// Run each volume in a worker process, so that a plugin that aborts
+    /// or hangs fails only that volume (a hang is killed at
+    /// `limits.timeout_s`). `auto`: when a timeout is set.
+    #[arg(long, value_enum, default_value_t = Isolation::Auto)]
+    pub isolation: Isolation,
+    /// Internal: run one volume as a worker process.
+    #[arg(long, hide = true, value_name = "JSON")]
+    pub worker_job: Option<String>,
+}
+
+/// Where `segment` runs each volume.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Isolation {
+    /// In a worker process when `limits.timeout_s` is set, else in this one.
+    #[default]
+    Auto,
+    /// Always in a worker process.
+    Process,
+    /// Always in this process (a plugin's abort ends the command).
+    Off,
 }
 
 /// Label-map clean-up flags (`segment` and `watch`).

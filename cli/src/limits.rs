@@ -142,9 +142,10 @@ pub(crate) struct Deadline {
 }
 
 impl Deadline {
-    pub(crate) fn new(timeout_s: f64) -> Self {
+    /// `limit`: `limits.timeout_s` ([`infl8_core::config::Limits::timeout`]).
+    pub(crate) fn new(limit: Option<Duration>) -> Self {
         Deadline {
-            limit: (timeout_s > 0.0).then(|| Duration::from_secs_f64(timeout_s)),
+            limit,
             until: Arc::default(),
         }
     }
@@ -178,8 +179,8 @@ impl Deadline {
 
 /// A model that refuses to start another batch once the volume's deadline
 /// has passed: the timeout is checked between backend calls, so a volume
-/// stops within one batch of it (a call that hangs is only stopped by a
-/// supervisor, which `infl8 watch` is).
+/// stops within one batch of it (a call that hangs is only stopped by the
+/// parent of a worker process: `infl8 watch`, `infl8 segment --isolate`).
 pub(crate) struct DeadlineModel {
     inner: Box<dyn Model>,
     deadline: Deadline,
@@ -315,7 +316,7 @@ mod tests {
 
     #[test]
     fn an_expired_deadline_stops_the_next_batch() {
-        let d = Deadline::new(1e-9);
+        let d = Deadline::new(Some(Duration::from_nanos(1)));
         let model = DeadlineModel::wrap(Box::new(fake(Dim::Fixed(1))), &d);
         // Not started: no deadline yet.
         assert!(model.run(&[0.0; 4], &[4]).is_ok());
@@ -329,7 +330,7 @@ mod tests {
             "{e}"
         );
         // No limit: the model is not wrapped at all.
-        let none = Deadline::new(0.0);
+        let none = Deadline::new(None);
         none.start();
         assert!(!none.expired());
     }

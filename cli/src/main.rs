@@ -3,9 +3,11 @@
 mod commands;
 mod config_check;
 mod flags;
+mod isolate;
 mod limits;
 mod plugin_check;
 mod plugins_cmd;
+mod segment_cmd;
 mod watch;
 
 use std::process::ExitCode;
@@ -55,7 +57,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Segment(a) => commands::segment(*a),
+        Command::Segment(a) => segment_cmd::segment(*a),
         Command::Info(a) => commands::info(a),
         Command::Plugins(a) => plugins_cmd::plugins(a),
         Command::ExampleModel(a) => commands::example_model(a),

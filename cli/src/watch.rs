@@ -53,6 +53,7 @@ use tracing::info;
 
 use crate::commands::{prepare, settings_for};
 use crate::flags::{ModelArgs, PostprocessArgs, RuntimeArgs};
+use crate::isolate::WorkerCommand;
 use service::{Options, Service};
 use worker::ChildRunner;
 
@@ -161,8 +162,11 @@ pub fn run(a: WatchArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     let runner = ChildRunner {
-        exe: std::env::current_exe().context("cannot find the infl8 executable")?,
-        args: std::env::args_os().skip(1).collect(),
+        worker: WorkerCommand {
+            exe: std::env::current_exe().context("cannot find the infl8 executable")?,
+            args: std::env::args_os().skip(1).collect(),
+            timeout: settings.limits.timeout(),
+        },
         timeout_s: settings.limits.timeout_s,
     };
     let mut service = Service::open(Options {

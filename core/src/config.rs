@@ -198,6 +198,11 @@ impl Limits {
             memory_budget_bytes: self.memory_budget_mb.saturating_mul(1 << 20),
         }
     }
+
+    /// `timeout_s` as a duration; `None` for no limit (0).
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        (self.timeout_s > 0.0).then(|| std::time::Duration::from_secs_f64(self.timeout_s))
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -243,6 +243,30 @@ pub fn temporary_prefix(name: &OsStr) -> String {
     }
 }
 
+/// Removes the temporary files that process `pid` left while writing
+/// `target` (it was killed mid-write); returns how many it removed.
+pub fn remove_temporaries_of(target: &Path, pid: u32) -> io::Result<usize> {
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return Ok(0);
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mine = format!("{}{pid}-", temporary_prefix(name));
+    let mut removed = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let n = entry.file_name();
+        if is_temporary(&n) && n.as_bytes().starts_with(mine.as_bytes()) {
+            fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// A temporary file of this module: never a complete file.
 pub fn is_temporary(name: &OsStr) -> bool {
     let b = name.as_bytes();
@@ -295,6 +319,29 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_killed_writer_s_temporaries_are_found_and_only_they_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.nii.gz");
+        let prefix = temporary_prefix(target.file_name().unwrap());
+        for name in [
+            format!("{prefix}4242-0{TEMP_SUFFIX}"),
+            format!("{prefix}4242-7{TEMP_SUFFIX}"),
+            format!("{prefix}42420-0{TEMP_SUFFIX}"),
+            format!(".other.nii.gz.4242-0{TEMP_SUFFIX}"),
+        ] {
+            fs::write(dir.path().join(name), b"part").unwrap();
+        }
+        assert_eq!(remove_temporaries_of(&target, 4242).unwrap(), 2);
+        assert_eq!(
+            listing(dir.path()),
+            [
+                format!(".other.nii.gz.4242-0{TEMP_SUFFIX}"),
+                format!("{prefix}42420-0{TEMP_SUFFIX}")
+            ]
+        );
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub struct Segmentation {
 }
 
 /// Timings and counts of one `segment_file` call.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SegmentReport {
     pub input: PathBuf,
     pub output: PathBuf,

@@ -22,15 +22,18 @@ version=$(awk '{ print $2 }' "$cpu/.complete")
 mkdir -p "$work/cache"
 cp -a "$(readlink -f "$cpu")" "$work/cache/cpu-$version-${sum:0:12}"
 
-lib=$(env -u ORT_DYLIB_PATH INFL8_ORT_CACHE="$work/cache" XDG_DATA_HOME="$work/data" \
+lib=$(env -u ORT_DYLIB_PATH ORT_FETCH_CACHE="$work/cache" XDG_DATA_HOME="$work/data" \
   "$root/scripts/fetch-ort.sh")
 [ "$lib" = "$work/data/infl8/onnxruntime/libonnxruntime.so" ] || fail "installed at $lib"
 [ -f "$lib" ] || fail "$lib is not there"
 [ -L "$work/data/infl8/onnxruntime" ] || fail "the install is not an atomic symlink"
 echo "ok: fetch-ort.sh installed $lib"
 
+# The caller's INFL8_* settings are dropped: only this test configures infl8.
+unset_settings=()
+for v in $(compgen -e | grep '^INFL8_' || true); do unset_settings+=(-u "$v"); done
 infl8() {
-  env -u ORT_DYLIB_PATH XDG_DATA_HOME="$work/data" HOME="$work" INFL8_PLUGIN_DIRS="$bin" \
+  env "${unset_settings[@]}" -u ORT_DYLIB_PATH XDG_DATA_HOME="$work/data" HOME="$work" INFL8_PLUGIN_DIRS="$bin" \
     RUST_LOG=warn "$bin/infl8" "$@"
 }
 infl8 example-model --out "$work/m.onnx" --roi 32 32 32 >/dev/null

@@ -94,14 +94,27 @@ pub fn vit_s_focus() -> PathBuf {
     p
 }
 
-/// Runs a workspace binary with the plugins of `target/<profile>` and quiet
-/// logs.
+/// A workspace binary as a command with quiet logs and no settings from
+/// the caller's environment: every `INFL8_*` variable is removed (a
+/// developer's `INFL8_BACKEND`, or a CI script's own variable, would change
+/// or refuse what the test runs).
+pub fn command(cmd: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(bin(cmd));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("INFL8_") {
+            c.env_remove(key);
+        }
+    }
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+/// Runs a workspace binary ([`command`]) with the plugins of
+/// `target/<profile>` (which override a profile's `plugin_dirs`).
 pub fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(bin(cmd))
+    command(cmd)
         .args(args)
-        // The plugins sit next to the binaries in target/<profile>.
         .env("INFL8_PLUGIN_DIRS", target_dir())
-        .env("RUST_LOG", "warn")
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
 }
@@ -109,6 +122,21 @@ pub fn run(cmd: &str, args: &[&str]) -> std::process::Output {
 /// `infl8 ARGS`.
 pub fn infl8(args: &[&str]) -> std::process::Output {
     run("infl8", args)
+}
+
+/// `infl8 segment --model MODEL --input INPUT --output OUTPUT EXTRA...`.
+pub fn segment(model: &Path, input: &Path, output: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "segment",
+        "--model",
+        s(model),
+        "--input",
+        s(input),
+        "--output",
+        s(output),
+    ];
+    args.extend_from_slice(extra);
+    infl8(&args)
 }
 
 /// Asserts the command succeeded (printing its output otherwise) and returns
@@ -163,10 +191,8 @@ pub fn run_with_env(
     args: &[&str],
     env: &[(&str, &std::ffi::OsStr)],
 ) -> std::process::Output {
-    let mut c = std::process::Command::new(bin(cmd));
-    c.args(args)
-        .env("INFL8_PLUGIN_DIRS", target_dir())
-        .env("RUST_LOG", "warn");
+    let mut c = command(cmd);
+    c.args(args).env("INFL8_PLUGIN_DIRS", target_dir());
     for (k, v) in env {
         c.env(k, v);
     }
@@ -249,3 +275,53 @@ const C_REFERENCE_FLAGS: &[&str] = &[
     "-shared",
     "-fvisibility=hidden",
 ];
+
+/// A profile running test plugin `lib` (copied under a name discovery
+/// takes) as `backend`, fast to react.
+pub fn plugin_profile(root: &Path, lib: &str, backend: &str, limits: &str) -> PathBuf {
+    let plugins = root.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(
+        plugin_lib(lib),
+        plugins.join(format!(
+            "{}infl8_{lib}{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        )),
+    )
+    .unwrap();
+    let p = root.join(format!("{backend}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            "backend = \"{backend}\"\nplugin_dirs = [\"{}\"]\nthreads = 1\n\
+             [limits]\n{limits}\n\
+             [watch]\nstable_secs = 0.3\npoll_ms = 50\n",
+            s(&plugins)
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// `n` small volumes cut from the T1, as `.nii.gz` bytes.
+pub fn small_volumes(n: usize) -> Vec<Vec<u8>> {
+    let t1 =
+        infl8_core::nifti_io::read_volume(&t1_2mm(), &infl8_core::nifti_io::ReadLimits::default())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    (0..n)
+        .map(|i| {
+            let o = 20 + 2 * i;
+            let data = t1
+                .data
+                .slice(ndarray::s![.., o..o + 16, 30..46, 30..46])
+                .to_owned();
+            let v = infl8_core::Volume::new(data, t1.affine);
+            let p = dir.path().join("v.nii.gz");
+            infl8_core::nifti_io::write_volume(&p, &v, infl8_core::nifti_io::DataType::F32)
+                .unwrap();
+            std::fs::read(&p).unwrap()
+        })
+        .collect()
+}

@@ -89,6 +89,16 @@ pub(crate) enum Record {
         error_report: String,
         at: String,
     },
+    /// The file under this name changed before this content had results
+    /// (a slow writer was still at it when it was taken): this content is
+    /// forgotten, with its slot, and the new one is a new input. Nothing
+    /// is moved.
+    Superseded {
+        name: String,
+        sha256: String,
+        reason: String,
+        at: String,
+    },
 }
 
 impl Record {
@@ -96,7 +106,8 @@ impl Record {
         let (Record::Taken { name, sha256, .. }
         | Record::Done { name, sha256, .. }
         | Record::Deferred { name, sha256, .. }
-        | Record::Failed { name, sha256, .. }) = self;
+        | Record::Failed { name, sha256, .. }
+        | Record::Superseded { name, sha256, .. }) = self;
         Key {
             name: name.clone(),
             sha256: sha256.clone(),
@@ -205,6 +216,12 @@ impl State {
                     item.outcome = Some(Outcome::Failed {
                         reason: reason.clone(),
                     });
+                }
+            }
+            Record::Superseded { .. } => {
+                if let Some(item) = self.items.remove(&key) {
+                    self.slots.remove(&item.slot);
+                    self.order.retain(|k| *k != key);
                 }
             }
         }

@@ -349,6 +349,7 @@ impl<R: Runner> Service<R> {
             Ok(Claimed::Gone) | Err(_) => None,
         };
         let meta = claimed.as_ref().and_then(|f| f.metadata().ok());
+        let mut changed = false;
         let same = match (claimed, &meta) {
             (Some(mut f), Some(m)) if m.is_file() => {
                 let sha = if self.over_limit(m.len()) {
@@ -359,7 +360,10 @@ impl<R: Runner> Service<R> {
                 match sha {
                     None => return Ok(()),
                     Some(sha) if sha == item.key.sha256 => Some(f),
-                    Some(_) => None,
+                    Some(_) => {
+                        changed = true;
+                        None
+                    }
                 }
             }
             _ => None,
@@ -375,6 +379,16 @@ impl<R: Runner> Service<R> {
             self.process(&c, &item.key.sha256, claim).map(drop)
         } else if self.report_matches(&item.slot, &item.key.sha256) {
             self.record_done(&item.key, &item.slot, 0.0)
+        } else if changed {
+            // Another file under the same name: its own input, not this
+            // one's to fail (or to move to failed/).
+            let reason = format!(
+                "{}: the file changed before it was processed",
+                item.key.name
+            );
+            info!(input = %item.key.name, "{reason}; the new content is a new input");
+            self.supersede(&item.key, &reason);
+            Ok(())
         } else {
             let reason = format!(
                 "{}: the input left the inbox (or changed) before it was processed",
@@ -560,6 +574,10 @@ impl<R: Runner> Service<R> {
                 let n = self.seen.get(&c.name).map_or(0, |s| s.deferrals);
                 self.retry_in(&c, backoff(n), n + 1);
             }
+            Processed::Changed => {
+                self.seen.remove(&c.name);
+                self.renamed.remove(&c.name);
+            }
         }
         Ok(true)
     }
@@ -727,25 +745,25 @@ impl<R: Runner> Service<R> {
                     self.record_done(&key, &slot, t0.elapsed().as_secs_f64())?;
                 }
             }
+            RunResult::Failed { reason, .. } if changed_since(c) => {
+                // What failed (as truncated, say) was a file still being
+                // written: failing it would file the complete file under
+                // failed/ with the wrong reason.
+                warn!(
+                    input = %c.name,
+                    "it changed while it was processed (still being written?); left in the \
+                     inbox to try once it is stable: {reason}"
+                );
+                self.supersede(&key, &reason);
+                return Ok(Processed::Changed);
+            }
             RunResult::Failed { kind, reason } => self.fail(&key, &slot, attempt, kind, &reason)?,
             RunResult::Transient(reason) => {
-                let r = Record::Deferred {
-                    name: key.name.clone(),
-                    sha256: key.sha256.clone(),
-                    reason: reason.clone(),
-                    at: now_rfc3339(),
-                };
-                // Best effort: the disk may be the one that is full.
-                match self.journal.append(&r) {
-                    Ok(()) => self.state.apply(&r),
-                    Err(e) => warn!("cannot journal the deferral: {e}"),
-                }
                 warn!(
                     input = %c.name,
                     "cannot write its results now, left in the inbox to try again: {reason}"
                 );
-                self.status.current = None;
-                self.write_status();
+                self.defer(&key, &reason);
                 return Ok(Processed::Deferred);
             }
             RunResult::Interrupted => {
@@ -754,6 +772,41 @@ impl<R: Runner> Service<R> {
             RunResult::Service(reason) => bail!("{reason}"),
         }
         Ok(Processed::Finished)
+    }
+
+    /// Journals that `key`'s content is gone from the inbox before it had
+    /// results: the file under its name is another input now.
+    fn supersede(&mut self, key: &Key, reason: &str) {
+        let r = Record::Superseded {
+            name: key.name.clone(),
+            sha256: key.sha256.clone(),
+            reason: reason.to_owned(),
+            at: now_rfc3339(),
+        };
+        match self.journal.append(&r) {
+            Ok(()) => self.state.apply(&r),
+            Err(e) => warn!("cannot journal that the input changed: {e}"),
+        }
+        self.status.current = None;
+        self.write_status();
+    }
+
+    /// Journals that `key` was taken but is left in the inbox for later
+    /// (not a failure, and not counted as an attempt the service died on).
+    fn defer(&mut self, key: &Key, reason: &str) {
+        let r = Record::Deferred {
+            name: key.name.clone(),
+            sha256: key.sha256.clone(),
+            reason: reason.to_owned(),
+            at: now_rfc3339(),
+        };
+        // Best effort: the disk may be the one that is full.
+        match self.journal.append(&r) {
+            Ok(()) => self.state.apply(&r),
+            Err(e) => warn!("cannot journal the deferral: {e}"),
+        }
+        self.status.current = None;
+        self.write_status();
     }
 
     fn record_done(&mut self, key: &Key, slot: &str, latency_s: f64) -> Result<()> {
@@ -881,6 +934,9 @@ enum Processed {
     Finished,
     /// Its results could not be written for now: tried again later.
     Deferred,
+    /// It changed while it was processed (a slow writer was still at it):
+    /// judged by stability again, then processed as the new file it is.
+    Changed,
 }
 
 /// Another service's claim is usually over within a volume.
@@ -888,6 +944,11 @@ const CLAIMED_RETRY: Duration = Duration::from_secs(2);
 
 /// The pause before the `n`th retry after a transient error: 1 s, doubling,
 /// at most a minute.
+/// `c` is no longer the size or mtime it had when it was taken (or gone).
+fn changed_since(c: &Candidate) -> bool {
+    fs::metadata(&c.path).map_or(true, |m| m.len() != c.size || mtime_ns(&m) != c.mtime_ns)
+}
+
 fn backoff(n: u32) -> Duration {
     Duration::from_secs(1u64 << n.min(6)).min(Duration::from_secs(60))
 }

@@ -24,6 +24,9 @@ struct FakeRunner {
     stop_after_run: Option<Arc<AtomicBool>>,
     /// Runs that find the outbox full before the outbox is fixed.
     full_disk: u32,
+    /// Runs during which a slow writer appends to the input, which the
+    /// worker then finds truncated.
+    slow_writer: u32,
 }
 
 impl Runner for FakeRunner {
@@ -33,6 +36,18 @@ impl Runner for FakeRunner {
             return RunResult::Failed {
                 kind: "error",
                 reason: format!("{}: corrupt gzip stream", job.input.display()),
+            };
+        }
+        if self.slow_writer > 0 {
+            self.slow_writer -= 1;
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(&job.input)
+                .unwrap();
+            std::io::Write::write_all(&mut f, b" and the rest").unwrap();
+            return RunResult::Failed {
+                kind: "error",
+                reason: format!("{}: truncated: unexpected end of file", job.input.display()),
             };
         }
         if self.full_disk > 0 {
@@ -671,6 +686,55 @@ fn a_full_outbox_defers_the_input_in_place_and_never_fails_it() {
     assert_eq!(names(&d.outbox.join("done")), ["scan.nii.gz"]);
     let recs = records(&d);
     assert_eq!(count(&recs, |r| matches!(r, Record::Deferred { .. })), 5);
+    assert_eq!(count(&recs, |r| matches!(r, Record::Done { .. })), 1);
+}
+
+#[test]
+fn a_file_that_grew_while_it_failed_is_not_failed_but_processed_once_complete() {
+    let d = dirs();
+    fs::write(d.inbox.join("scan.nii.gz"), b"first half").unwrap();
+    let mut s = service(
+        &d,
+        true,
+        FakeRunner {
+            slow_writer: 1,
+            ..FakeRunner::default()
+        },
+    );
+    drain_bounded(&mut s, 10);
+    assert_eq!(s.o.runner.runs, 2, "tried again once the file was stable");
+    assert!(names(&d.outbox.join("failed")).is_empty(), "never failed");
+    assert_eq!(names(&d.outbox.join("done")), ["scan.nii.gz"]);
+    let done = fs::read(d.outbox.join("done/scan.nii.gz")).unwrap();
+    assert_eq!(done, b"first half and the rest");
+    let recs = records(&d);
+    assert_eq!(count(&recs, |r| matches!(r, Record::Superseded { .. })), 1);
+    assert_eq!(count(&recs, |r| matches!(r, Record::Failed { .. })), 0);
+    // The slot is the name's own, not a checksum-suffixed one.
+    assert!(d.outbox.join("scan_seg.nii.gz").is_file());
+}
+
+#[test]
+fn a_file_replaced_while_the_service_was_down_is_a_new_input_not_a_failure() {
+    let d = dirs();
+    fs::write(d.inbox.join("scan.nii.gz"), b"old content").unwrap();
+    let mut s = service(&d, true, FakeRunner::default());
+    s.crash_at = Some("taken");
+    assert!(drain(&mut s).is_err());
+    drop(s);
+    fs::write(d.inbox.join("scan.nii.gz"), b"new content").unwrap();
+    let mut s = service(&d, true, FakeRunner::default());
+    drain_bounded(&mut s, 10);
+    assert!(
+        names(&d.outbox.join("failed")).is_empty(),
+        "not failed as vanished"
+    );
+    assert_eq!(
+        fs::read(d.outbox.join("done/scan.nii.gz")).unwrap(),
+        b"new content"
+    );
+    let recs = records(&d);
+    assert_eq!(count(&recs, |r| matches!(r, Record::Superseded { .. })), 1);
     assert_eq!(count(&recs, |r| matches!(r, Record::Done { .. })), 1);
 }
 

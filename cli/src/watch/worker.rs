@@ -1,19 +1,17 @@
 //! One volume in a worker process, and the supervisor's side of it.
 
-use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use infl8_core::fsio;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::{WatchArgs, now_rfc3339};
 use crate::commands::{prepare, settings_for};
+use crate::isolate::{Ended, WorkerCommand, say, say_loaded};
 
 /// What the supervisor hands a worker.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -41,7 +39,7 @@ pub(super) fn worker(a: &WatchArgs, job: &str) -> ExitCode {
         let model = a.model.as_deref().context("--model is required")?;
         let prepared = prepare(&settings, model)?;
         let load_s = t0.elapsed().as_secs_f64();
-        say(&json!({"loaded": true}));
+        say_loaded(&prepared.backend, &prepared.library);
         prepared.deadline.start();
         let t1 = Instant::now();
         let limits = settings.limits.read_limits();
@@ -99,12 +97,6 @@ pub(super) fn worker(a: &WatchArgs, job: &str) -> ExitCode {
     }
 }
 
-fn say(v: &Value) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{v}");
-    let _ = out.flush();
-}
-
 // ---------------------------------------------------------------- runners
 
 /// How one volume ended, as far as the supervisor can tell.
@@ -130,14 +122,9 @@ pub(crate) trait Runner {
 
 /// Runs each volume in a child `infl8 watch ... --worker-job`.
 pub(super) struct ChildRunner {
-    pub exe: PathBuf,
-    pub args: Vec<OsString>,
+    pub worker: WorkerCommand,
     pub timeout_s: f64,
 }
-
-/// Past the volume's own deadline, what a worker gets to notice it and stop
-/// cleanly before it is killed.
-const KILL_GRACE: Duration = Duration::from_secs(5);
 
 impl Runner for ChildRunner {
     fn run(&mut self, job: &WorkerJob, stopping: &dyn Fn() -> bool) -> RunResult {
@@ -145,128 +132,45 @@ impl Runner for ChildRunner {
             Ok(j) => j,
             Err(e) => return RunResult::Service(e.to_string()),
         };
-        let mut cmd = Command::new(&self.exe);
-        cmd.args(&self.args)
-            .arg("--worker-job")
-            .arg(job_json)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            // Its own process group: a terminal's Ctrl-C reaches only the
-            // supervisor, which lets the current volume finish.
-            .process_group(0);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        let parent = std::process::id() as libc::pid_t;
-        unsafe {
-            cmd.pre_exec(move || {
-                // The worker dies with the supervisor (kill -9 included), so
-                // no orphan keeps writing after a restart.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The supervisor decides when a volume stops: a SIGTERM sent
-                // to every process of the service (systemd's default
-                // KillMode=control-group) must not cut short the volume it
-                // lets finish. Ignored dispositions survive exec, so there is
-                // no window before the worker could ignore it itself. The
-                // supervisor stops a worker with SIGKILL (timeout), and the
-                // kernel does when the supervisor dies.
-                libc::signal(libc::SIGTERM, libc::SIG_IGN);
-                libc::signal(libc::SIGINT, libc::SIG_IGN);
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
         let started = Instant::now();
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => return RunResult::Service(format!("cannot start a worker: {e}")),
+        let end = match self.worker.run("--worker-job", &job_json) {
+            Ok(end) => end,
+            Err(e) => return RunResult::Service(format!("{e:#}")),
         };
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let reader = child.stdout.take().map(|out| {
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            })
-        });
-        let mut loaded_at: Option<Instant> = None;
-        let mut error: Option<String> = None;
-        let mut transient = false;
-        let mut handle = |line: String, loaded_at: &mut Option<Instant>| {
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                if v["loaded"] == json!(true) {
-                    *loaded_at = Some(Instant::now());
-                }
-                if let Some(e) = v["error"].as_str() {
-                    error = Some(e.to_string());
-                    transient = v["transient"] == json!(true);
-                }
-            }
-        };
-        let limit = (self.timeout_s > 0.0).then(|| Duration::from_secs_f64(self.timeout_s));
-        let status = loop {
-            while let Ok(line) = rx.try_recv() {
-                handle(line, &mut loaded_at);
-            }
-            match child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) => {}
-                Err(e) => return RunResult::Service(format!("cannot wait for the worker: {e}")),
-            }
-            if let (Some(limit), Some(at)) = (limit, loaded_at)
-                && at.elapsed() > limit + KILL_GRACE
-            {
-                let _ = child.kill();
-                let _ = child.wait();
-                if let Some(r) = reader {
-                    let _ = r.join();
-                }
-                return RunResult::Failed {
-                    kind: "timeout",
-                    reason: format!(
-                        "{}: timed out: the worker was killed {:.1} s after loading the model \
-                         (limits.timeout_s = {} s)",
-                        job.input.display(),
-                        at.elapsed().as_secs_f64(),
-                        self.timeout_s
-                    ),
-                };
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if let Some(r) = reader {
-            let _ = r.join();
-        }
-        while let Ok(line) = rx.try_recv() {
-            handle(line, &mut loaded_at);
-        }
         tracing::debug!(wall_s = started.elapsed().as_secs_f64(), "worker finished");
-        if status.success() {
+        if let Ended::TimedOut(_) = end.how {
+            return RunResult::Failed {
+                kind: "timeout",
+                reason: end.timeout_reason(&job.input, self.timeout_s),
+            };
+        }
+        if let Ended::Exited(status) = end.how
+            && status.success()
+        {
             return RunResult::Ok;
         }
-        use std::os::unix::process::ExitStatusExt;
-        if let Some(sig) = status.signal() {
+        if let Some(sig) = end.signal() {
             if stopping() && matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGKILL) {
                 return RunResult::Interrupted;
             }
             return RunResult::Failed {
                 kind: "crashed",
-                reason: format!(
-                    "{}: the worker died from signal {sig} while segmenting it",
-                    job.input.display()
-                ),
+                reason: end.crash_reason(&job.input, sig),
             };
         }
-        let reason = error.unwrap_or_else(|| format!("the worker exited with {status}"));
-        if transient {
+        let reason = match (end.error_message(), &end.how) {
+            (Some(m), _) => m.to_owned(),
+            (None, Ended::Exited(status)) => format!("the worker exited with {status}"),
+            (None, Ended::TimedOut(_)) => "the worker was killed".to_owned(),
+        };
+        if end
+            .error
+            .as_ref()
+            .is_some_and(|e| e["transient"] == json!(true))
+        {
             return RunResult::Transient(reason);
         }
-        if loaded_at.is_none() {
+        if end.loaded.is_none() {
             return RunResult::Service(format!("the worker could not load the model: {reason}"));
         }
         RunResult::Failed {

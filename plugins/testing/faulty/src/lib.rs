@@ -11,8 +11,9 @@
 //!   marker: a window holding a value above the load option `marker_above`
 //!   (default 1000) is refused with a run error, any other window gets a
 //!   per-voxel threshold model (label 1 where the normalised intensity is
-//!   above `threshold`, default 0). `infl8 watch`'s soak test uses it to
-//!   poison chosen volumes of an otherwise working service.
+//!   above `threshold`, default 0); a window holding a value below the
+//!   option `hang_below` (default: none) never returns. `infl8 watch`'s soak
+//!   test uses it to poison chosen volumes of an otherwise working service.
 //!
 //! Models of the first four take `[N, 4]` and return `[N, 4]`;
 //! `faulty-marker` takes `[N, 1, X, Y, Z]` and returns `[N, 2, X, Y, Z]`
@@ -102,6 +103,7 @@ impl Backend for Faulty {
                 };
                 Ok(Box::new(MarkerModel {
                     marker_above: number("marker_above", 1000.0)?,
+                    hang_below: number("hang_below", f32::NEG_INFINITY)?,
                     threshold: number("threshold", 0.0)?,
                     input: info("image", 1),
                     output: info("logits", 2),
@@ -159,6 +161,9 @@ impl Model for FaultyModel {
 /// holding the marker.
 struct MarkerModel {
     marker_above: f32,
+    /// A window holding a value below this hangs the call for good (what a
+    /// deadlocked vendor library does): only a parent process can stop it.
+    hang_below: f32,
     threshold: f32,
     input: TensorInfo,
     output: TensorInfo,
@@ -175,6 +180,11 @@ impl Model for MarkerModel {
 
     fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
         self.input.check_run_input(data.len(), shape)?;
+        if data.iter().any(|v| *v < self.hang_below) {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         if let Some(v) = data.iter().find(|v| **v > self.marker_above) {
             return Err(BackendError::Run(format!(
                 "faulty-marker: the window holds the marker value {v} (above marker_above = {})",
