@@ -58,10 +58,13 @@ if ! "$venv/bin/python" -c 'import monai, torch, nibabel, onnxruntime' 2>/dev/nu
 fi
 py="$venv/bin/python"
 
-flag=()
-[ "$profile" = release ] && flag=(--release)
-(cd "$root" && cargo build --locked "${flag[@]}" -p infl8-cli -p infl8-plugin-tract \
-  && cargo build --locked "${flag[@]}" -p infl8-suite --example resample) >&2
+if [ "$profile" = release ]; then
+  (cd "$root" && cargo build --locked --release -p infl8-cli -p infl8-plugin-tract \
+    && cargo build --locked --release -p infl8-suite --example resample) >&2
+else
+  # The test suite's own build (the same feature set: nothing is rebuilt).
+  (cd "$root" && cargo build --locked --workspace --all-targets) >&2
+fi
 bin="$root/target/$profile"
 
 work=$(mktemp -d)

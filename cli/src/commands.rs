@@ -1,69 +1,17 @@
 //! The subcommands.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Result;
-use infl8_backend::{Backend, Model};
 use infl8_core::config::{self, Settings};
-use infl8_core::inference::{BlendMode, SlidingWindow};
+use infl8_core::engine::{self, LoadedModel};
 use infl8_core::manifest::{self, InferenceMode, Manifest};
-use infl8_core::plugin::PluginHost;
-use infl8_core::preprocess::{Normalization, PreprocessSpec};
-use infl8_core::segment::Segmenter;
-use tracing::{info, warn};
 
 use crate::flags::{ExampleModelArgs, InfoArgs, RuntimeArgs};
-use crate::limits::{Deadline, DeadlineModel};
 
 pub(crate) fn settings_for(runtime: &RuntimeArgs, layer: &serde_json::Value) -> Result<Settings> {
     Ok(config::load(runtime.config.as_deref(), None, layer)?)
-}
-
-/// A plugin host with the settings' directories and permission rule.
-pub(crate) fn new_host(settings: &Settings) -> PluginHost {
-    PluginHost::new(settings.plugin_dirs.clone())
-        .allow_insecure_permissions(settings.plugins.allow_insecure_permissions)
-}
-
-/// A host with the libraries the settings' backend chain needs loaded (and
-/// only those, when they are named after their backends).
-fn open_host(settings: &Settings) -> PluginHost {
-    let mut host = new_host(settings);
-    for (path, result) in host.discover_for(&settings.backend_chain()) {
-        if let Err(e) = result {
-            warn!(library = %log_path(&path), "plugin not loaded: {}", log_safe(&e.to_string()));
-        }
-    }
-    host
-}
-
-/// A model loaded on a backend, and the library that backend came from.
-struct LoadedModel {
-    backend: Arc<dyn Backend>,
-    model: Box<dyn Model>,
-    library: PathBuf,
-}
-
-/// The model, loaded on the first backend of the settings' chain that can
-/// (each fallback is logged with its reason).
-fn load_model(settings: &Settings, model: &Path) -> Result<LoadedModel> {
-    let host = open_host(settings);
-    let loaded = host.load_model(&settings.backend_chain(), model, |name| {
-        settings.load_options(name)
-    })?;
-    let library = host
-        .backends()
-        .into_iter()
-        .find(|b| b.name == loaded.backend.name())
-        .map(|b| b.library)
-        .unwrap_or_default();
-    Ok(LoadedModel {
-        backend: loaded.backend,
-        model: loaded.model,
-        library,
-    })
 }
 
 pub(crate) fn is_nifti(p: &Path) -> bool {
@@ -114,56 +62,6 @@ pub(crate) fn log_safe(s: &str) -> std::borrow::Cow<'_, str> {
 /// [`log_safe`] of a path as displayed.
 pub(crate) fn log_path(p: &Path) -> String {
     log_safe(&p.display().to_string()).into_owned()
-}
-
-/// A model loaded and resolved against its manifest, the window batch sized
-/// by the memory budget, and the per-volume deadline armed: how `segment`
-/// and `watch` run a model.
-pub(crate) struct Prepared {
-    pub segmenter: Segmenter,
-    /// The backend of the chain that loaded the model.
-    pub backend: String,
-    /// The plugin library that backend came from.
-    pub library: PathBuf,
-    /// Restart with [`Deadline::start`] before each volume.
-    pub deadline: Deadline,
-}
-
-pub(crate) fn prepare(settings: &Settings, model_path: &Path) -> Result<Prepared> {
-    crate::limits::check_declared_input(&settings.limits, model_path)?;
-    let LoadedModel {
-        backend,
-        model,
-        library,
-    } = load_model(settings, model_path)?;
-    let (manifest, origin) =
-        manifest::resolve(model_path, model.input(), model.output(), &settings.model)?;
-    info!(
-        model = %model_path.display(),
-        backend = backend.name(),
-        manifest = %origin,
-        input = %model.input(),
-        output = %model.output(),
-        "model loaded"
-    );
-    let window_batch = crate::limits::window_batch(
-        settings.window_batch,
-        &settings.limits,
-        &manifest,
-        model.as_ref(),
-    )?;
-    let deadline = Deadline::new(settings.limits.timeout());
-    Ok(Prepared {
-        segmenter: Segmenter {
-            model: DeadlineModel::wrap(model, &deadline),
-            window_batch,
-            postprocess: settings.postprocess.effective(manifest.postprocess),
-            manifest,
-        },
-        backend: backend.name().to_string(),
-        library,
-        deadline,
-    })
 }
 
 pub fn info(a: InfoArgs) -> Result<ExitCode> {
@@ -245,7 +143,7 @@ pub fn info(a: InfoArgs) -> Result<ExitCode> {
         let settings = settings_for(&a.runtime, &serde_json::Value::Object(a.runtime.layer()))?;
         let LoadedModel {
             backend, model: m, ..
-        } = load_model(&settings, &a.model)?;
+        } = engine::load_model(&settings, &a.model)?;
         println!("loaded on {}:", backend.name());
         println!("  input:  {}", m.input());
         println!("  output: {}", m.output());
@@ -334,41 +232,8 @@ fn window_shape(
     }
 }
 
-/// The example model's manifest: T1 MRI, percentile window, 64^3 windows.
-pub fn example_manifest(roi: [usize; 3]) -> Manifest {
-    Manifest {
-        format: manifest::MANIFEST_FORMAT,
-        name: Some("infl8-example-head-mask".into()),
-        input_channels: 1,
-        labels: vec!["background".into(), "head".into()],
-        inference: InferenceMode::SlidingWindow(SlidingWindow {
-            roi,
-            overlap: 0.25,
-            mode: BlendMode::Gaussian,
-            ..SlidingWindow::default()
-        }),
-        preprocess: PreprocessSpec {
-            reorient: true,
-            target_spacing: Some([2.0, 2.0, 2.0]),
-            normalization: Normalization::Percentile { lo: 1.0, hi: 99.0 },
-        },
-        postprocess: Default::default(),
-    }
-}
-
 pub fn example_model(a: ExampleModelArgs) -> Result<ExitCode> {
-    let roi = [a.roi[0], a.roi[1], a.roi[2]];
-    let mut model = infl8_onnx::examples::head_mask_model(
-        [roi[0] as i64, roi[1] as i64, roi[2] as i64],
-        0.12,
-        20.0,
-    );
-    infl8_onnx::set_metadata(
-        &mut model,
-        infl8_onnx::MANIFEST_KEY,
-        &example_manifest(roi).to_json(),
-    );
-    infl8_onnx::write_model(&model, &a.out)?;
+    infl8_core::example::write_model(&a.out, [a.roi[0], a.roi[1], a.roi[2]])?;
     println!("wrote {}", a.out.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -399,13 +264,13 @@ mod tests {
                 roi_xy,
                 ..Slab::default()
             }),
-            ..example_manifest([8, 8, 8])
+            ..infl8_core::example::manifest([8, 8, 8])
         }
     }
 
     #[test]
     fn sliding_window_uses_the_roi_at_batch_one() {
-        let m = example_manifest([64, 48, 32]);
+        let m = infl8_core::example::manifest([64, 48, 32]);
         let i = input(&[None, Some(1), None, None, None]);
         assert_eq!(window_shape(Some(&m), Some(&i)), Ok(vec![1, 1, 64, 48, 32]));
     }

@@ -4,7 +4,6 @@ mod commands;
 mod config_check;
 mod flags;
 mod isolate;
-mod limits;
 mod plugin_check;
 mod plugins_cmd;
 mod segment_cmd;

@@ -15,7 +15,9 @@ use infl8_core::config::Settings;
 use infl8_core::plugin::PluginHost;
 use tracing::warn;
 
-use crate::commands::{new_host, settings_for};
+use infl8_core::engine::new_host;
+
+use crate::commands::settings_for;
 use crate::flags::PluginsArgs;
 
 /// Whether a backend can run here.

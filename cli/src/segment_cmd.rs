@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{error, info, warn};
 
-use crate::commands::{Prepared, is_nifti, log_path, log_safe, nifti_stem, prepare, settings_for};
+use infl8_core::engine::{self, Engine};
+
+use crate::commands::{is_nifti, log_path, log_safe, nifti_stem, settings_for};
 use crate::flags::{Isolation, SegmentArgs};
 use crate::isolate::{Ended, WorkerCommand, say, say_loaded};
 
@@ -215,7 +217,7 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
         let timeout_s = settings.limits.timeout_s;
         Box::new(move |i, job| in_worker(&worker, timeout_s, job, &label(i, job)))
     } else {
-        let prepared = prepare(&settings, &a.model)?;
+        let prepared = engine::open(&settings, &a.model)?;
         let limits = settings.limits.read_limits();
         Box::new(move |i, job| {
             in_process(&prepared, &limits, job, &label(i, job)).map_err(Failure::Volume)
@@ -289,7 +291,7 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
 
 /// One volume with the model this process loaded, a progress bar labelled
 /// `label` on stderr while it runs.
-fn in_process(prepared: &Prepared, limits: &ReadLimits, job: &Job, label: &str) -> Result<Done> {
+fn in_process(prepared: &Engine, limits: &ReadLimits, job: &Job, label: &str) -> Result<Done> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -321,7 +323,9 @@ fn in_process(prepared: &Prepared, limits: &ReadLimits, job: &Job, label: &str) 
     bar.finish_and_clear();
     let report = match result {
         Ok(r) => r,
-        Err(_) if prepared.deadline.expired() => return Err(prepared.deadline.error(&job.input)),
+        Err(_) if prepared.deadline.expired() => {
+            return Err(prepared.deadline.error(&job.input).into());
+        }
         Err(e) => return Err(e.into()),
     };
     info!(
@@ -414,7 +418,7 @@ fn worker(a: &SegmentArgs, spec: &str) -> ExitCode {
     let result = (|| -> Result<Done> {
         let spec: WorkerJob = serde_json::from_str(spec).context("bad --worker-job")?;
         let settings = settings_for(&a.runtime, &a.layer())?;
-        let prepared = prepare(&settings, &a.model)?;
+        let prepared = engine::open(&settings, &a.model)?;
         say_loaded(&prepared.backend, &prepared.library);
         in_process(
             &prepared,

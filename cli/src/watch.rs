@@ -51,7 +51,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::info;
 
-use crate::commands::{prepare, settings_for};
+use crate::commands::settings_for;
 use crate::flags::{ModelArgs, PostprocessArgs, RuntimeArgs};
 use crate::isolate::WorkerCommand;
 use service::{Options, Service};
@@ -138,7 +138,7 @@ pub fn run(a: WatchArgs) -> Result<ExitCode> {
     let t = Instant::now();
     let check = {
         let (settings, model) = (settings.clone(), model.clone());
-        std::thread::spawn(move || prepare(&settings, &model).map(drop))
+        std::thread::spawn(move || infl8_core::engine::open(&settings, &model).map(drop))
     };
     // A model can take many seconds to load: a SIGTERM meanwhile stops the
     // service at once (nothing is written yet; the thread dies with it).

@@ -10,6 +10,9 @@ pub mod budget;
 pub mod cli_args;
 pub mod config;
 pub mod dataset;
+pub mod engine;
+pub mod example;
+pub mod failure;
 pub mod fsio;
 /// Entry points of the `cargo fuzz` targets (`fuzz/`), not a stable API.
 #[cfg(feature = "fuzzing")]

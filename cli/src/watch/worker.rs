@@ -5,12 +5,13 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use infl8_core::failure::FailureKind;
 use infl8_core::fsio;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{WatchArgs, now_rfc3339};
-use crate::commands::{prepare, settings_for};
+use crate::commands::settings_for;
 use crate::isolate::{Ended, WorkerCommand, say, say_loaded};
 
 /// What the supervisor hands a worker.
@@ -37,7 +38,7 @@ pub(super) fn worker(a: &WatchArgs, job: &str) -> ExitCode {
         let t0 = Instant::now();
         let settings = settings_for(&a.runtime, &a.layer())?;
         let model = a.model.as_deref().context("--model is required")?;
-        let prepared = prepare(&settings, model)?;
+        let prepared = infl8_core::engine::open(&settings, model)?;
         let load_s = t0.elapsed().as_secs_f64();
         say_loaded(&prepared.backend, &prepared.library);
         prepared.deadline.start();
@@ -49,7 +50,7 @@ pub(super) fn worker(a: &WatchArgs, job: &str) -> ExitCode {
         let r = match r {
             Ok(r) => r,
             Err(_) if prepared.deadline.expired() => {
-                return Err(prepared.deadline.error(&job.input));
+                return Err(prepared.deadline.error(&job.input).into());
             }
             Err(e) => return Err(e.into()),
         };
@@ -91,7 +92,11 @@ pub(super) fn worker(a: &WatchArgs, job: &str) -> ExitCode {
         Err(e) => {
             // As the command line prints errors: a plugin's message is often
             // quoted by the error above it, and would appear twice.
-            say(&json!({"error": crate::error_chain(&e), "transient": super::is_transient(&e)}));
+            say(&json!({
+                "error": crate::error_chain(&e),
+                "transient": super::is_transient(&e),
+                "kind": FailureKind::of_chain(e.chain()),
+            }));
             ExitCode::FAILURE
         }
     }
@@ -174,24 +179,17 @@ impl Runner for ChildRunner {
             return RunResult::Service(format!("the worker could not load the model: {reason}"));
         }
         RunResult::Failed {
-            kind: error_kind(&reason),
+            kind: journal_kind(end.error.as_ref()),
             reason,
         }
     }
 }
 
-/// `limit` for an input refused by one of the profile's `limits` (the
-/// reader names some by their library names), else `error`.
-pub(super) fn error_kind(reason: &str) -> &'static str {
-    const LIMITS: [&str; 4] = [
-        "limits.",
-        "ReadLimits::max_voxels",
-        "NaN or infinite",
-        "max_input_bytes",
-    ];
-    if LIMITS.iter().any(|l| reason.contains(l)) {
-        "limit"
-    } else {
-        "error"
-    }
+/// The journal's failure kind for a worker's `{"error": ...}` line: the
+/// [`FailureKind`] the worker read off its error's type, or `error` when
+/// the error was of no type the runtime classifies.
+pub(super) fn journal_kind(error: Option<&serde_json::Value>) -> &'static str {
+    error
+        .and_then(|e| serde_json::from_value::<FailureKind>(e["kind"].clone()).ok())
+        .map_or("error", FailureKind::as_str)
 }

@@ -1,19 +1,21 @@
-//! The profile's `limits` that need the loaded model: the memory budget that
-//! caps the window batch, and the per-volume timeout.
+//! The settings' `limits` that need the model: the memory budget that caps
+//! the window batch (and refuses a model whose one window does not fit),
+//! and the per-volume timeout.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
 use infl8_backend::{BackendError, Model, Tensor, TensorInfo};
-use infl8_core::config::Limits;
-use infl8_core::manifest::{InferenceMode, Manifest};
 use tracing::{info, warn};
+
+use super::EngineError;
+use crate::config::Limits;
+use crate::manifest::{InferenceMode, Manifest};
 
 /// Bytes of one window's input and output tensors (f32), when the window's
 /// size does not depend on the image.
-pub(crate) fn window_bytes(manifest: &Manifest, model: &dyn Model) -> Option<u64> {
+pub fn window_bytes(manifest: &Manifest, model: &dyn Model) -> Option<u64> {
     let c = manifest.input_channels as u64;
     let k = manifest.labels.len().max(1) as u64;
     let spatial: u64 = match &manifest.inference {
@@ -50,7 +52,7 @@ pub(crate) fn window_bytes(manifest: &Manifest, model: &dyn Model) -> Option<u64
 /// buffers for the declared size while it loads, and would abort on an
 /// input declared `[1, 1, 1e5, 1e5, 1e5]` before [`window_batch`] could
 /// look. A file that cannot be read is left to the backend to report.
-pub(crate) fn check_declared_input(limits: &Limits, model_path: &Path) -> Result<()> {
+pub fn check_declared_input(limits: &Limits, model_path: &Path) -> Result<(), EngineError> {
     use infl8_onnx::DeclaredDim;
     let budget = limits.memory_budget_mb.saturating_mul(1 << 20);
     if budget == 0 {
@@ -68,14 +70,14 @@ pub(crate) fn check_declared_input(limits: &Limits, model_path: &Path) -> Result
             })
         });
         if let Some(bytes) = window.filter(|&b| b > budget) {
-            bail!(
+            return Err(EngineError::OverBudget(format!(
                 "{}: limits.memory_budget_mb = {} MiB cannot hold one window of the model's \
                  declared input {} ({} MiB); refused before loading it",
                 model_path.display(),
                 limits.memory_budget_mb,
                 input.name,
                 bytes.div_ceil(1 << 20)
-            );
+            )));
         }
     }
     Ok(())
@@ -84,12 +86,12 @@ pub(crate) fn check_declared_input(limits: &Limits, model_path: &Path) -> Result
 /// The window batch to run with: `settings.window_batch`, capped so one
 /// batch's tensors fit `limits.memory_budget_mb`. Fails when not even one
 /// window fits, or the model's fixed batch does not.
-pub(crate) fn window_batch(
+pub fn window_batch(
     requested: usize,
     limits: &Limits,
     manifest: &Manifest,
     model: &dyn Model,
-) -> Result<usize> {
+) -> Result<usize, EngineError> {
     if limits.memory_budget_mb == 0 {
         return Ok(requested);
     }
@@ -105,22 +107,22 @@ pub(crate) fn window_batch(
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     let fits = budget / per_window.max(1);
     if fits == 0 {
-        bail!(
+        return Err(EngineError::OverBudget(format!(
             "limits.memory_budget_mb = {} MiB cannot hold one window (model.roi, or the \
              model's declared input size): its tensors need {:.1} MiB",
             limits.memory_budget_mb,
             mib(per_window)
-        );
+        )));
     }
     if let Some(fixed) = model.input().shape.first().and_then(|d| d.fixed())
         && fixed as u64 > fits
     {
-        bail!(
+        return Err(EngineError::OverBudget(format!(
             "limits.memory_budget_mb = {} MiB holds {fits} window(s) but the model's batch is \
              fixed at {fixed} ({:.1} MiB)",
             limits.memory_budget_mb,
             mib(per_window * fixed as u64)
-        );
+        )));
     }
     let batch = requested.min(usize::try_from(fits).unwrap_or(usize::MAX));
     info!(
@@ -136,14 +138,14 @@ pub(crate) fn window_batch(
 /// When the current volume must be finished by; shared between the model
 /// wrapper and the command that starts each volume.
 #[derive(Clone, Default)]
-pub(crate) struct Deadline {
+pub struct Deadline {
     limit: Option<Duration>,
     until: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Deadline {
-    /// `limit`: `limits.timeout_s` ([`infl8_core::config::Limits::timeout`]).
-    pub(crate) fn new(limit: Option<Duration>) -> Self {
+    /// `limit`: `limits.timeout_s` ([`Limits::timeout`]).
+    pub fn new(limit: Option<Duration>) -> Self {
         Deadline {
             limit,
             until: Arc::default(),
@@ -151,7 +153,7 @@ impl Deadline {
     }
 
     /// Starts the clock for a new volume.
-    pub(crate) fn start(&self) {
+    pub fn start(&self) {
         if let Some(limit) = self.limit
             && let Ok(mut u) = self.until.lock()
         {
@@ -159,7 +161,7 @@ impl Deadline {
         }
     }
 
-    pub(crate) fn expired(&self) -> bool {
+    pub fn expired(&self) -> bool {
         self.until
             .lock()
             .ok()
@@ -167,27 +169,34 @@ impl Deadline {
             .is_some_and(|u| Instant::now() >= u)
     }
 
-    /// The error for a volume that ran out of time.
-    pub(crate) fn error(&self, input: &std::path::Path) -> anyhow::Error {
-        let s = self.limit.map_or(0.0, |l| l.as_secs_f64());
-        anyhow::anyhow!(
-            "{}: timed out: the volume took longer than limits.timeout_s = {s} s",
-            input.display()
-        )
+    /// The error for `input`, which ran out of time.
+    pub fn error(&self, input: &Path) -> TimedOut {
+        TimedOut {
+            path: input.to_path_buf(),
+            limit_s: self.limit.map_or(0.0, |l| l.as_secs_f64()),
+        }
     }
+}
+
+/// A volume that took longer than `limits.timeout_s`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: timed out: the volume took longer than limits.timeout_s = {limit_s} s", .path.display())]
+pub struct TimedOut {
+    pub path: std::path::PathBuf,
+    pub limit_s: f64,
 }
 
 /// A model that refuses to start another batch once the volume's deadline
 /// has passed: the timeout is checked between backend calls, so a volume
 /// stops within one batch of it (a call that hangs is only stopped by the
-/// parent of a worker process: `infl8 watch`, `infl8 segment --isolate`).
-pub(crate) struct DeadlineModel {
+/// parent of a worker process: `infl8 watch`, `infl8 segment --isolation`).
+pub struct DeadlineModel {
     inner: Box<dyn Model>,
     deadline: Deadline,
 }
 
 impl DeadlineModel {
-    pub(crate) fn wrap(inner: Box<dyn Model>, deadline: &Deadline) -> Box<dyn Model> {
+    pub fn wrap(inner: Box<dyn Model>, deadline: &Deadline) -> Box<dyn Model> {
         if deadline.limit.is_none() {
             return inner;
         }
@@ -258,7 +267,7 @@ mod tests {
     #[test]
     fn the_budget_caps_the_batch_and_refuses_when_one_window_does_not_fit() {
         // The example manifest: 1 channel in, 2 labels out.
-        let m = crate::commands::example_manifest([64, 64, 64]);
+        let m = crate::example::manifest([64, 64, 64]);
         let model = fake(Dim::Symbolic("N".into()));
         let per = window_bytes(&m, &model).unwrap();
         assert_eq!(per, 4 * 64 * 64 * 64 * 4);
@@ -282,7 +291,7 @@ mod tests {
         // [1, 1, 1e5, 1e5, 1e5]) under the default budget is refused at
         // once, and a window too large for u64 does not wrap round.
         for roi in [100_000, usize::MAX / 2] {
-            let huge = crate::commands::example_manifest([roi; 3]);
+            let huge = crate::example::manifest([roi; 3]);
             let e = window_batch(4, &Limits::default(), &huge, &model)
                 .unwrap_err()
                 .to_string();
