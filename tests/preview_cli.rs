@@ -5,22 +5,15 @@ use std::path::Path;
 use std::process::Output;
 
 use infl8_core::nifti_io::{self, ReadLimits};
-use infl8_suite::{example_model, infl8, ok, s, t1_2mm};
+use infl8_suite::{example_model, ok, s, t1_2mm};
 
 fn segment(model: &Path, input: &Path, output: &Path, preview: &Path) -> Output {
-    infl8(&[
-        "segment",
-        "--model",
-        s(model),
-        "--input",
-        s(input),
-        "--output",
-        s(output),
-        "--preview",
-        s(preview),
-        "--threads",
-        "2",
-    ])
+    infl8_suite::segment(
+        model,
+        input,
+        output,
+        &["--preview", s(preview), "--threads", "2"],
+    )
 }
 
 /// (width, height, RGB pixels) of a PNG file.

@@ -783,12 +783,7 @@ impl<R: Runner> Service<R> {
             reason: reason.to_owned(),
             at: now_rfc3339(),
         };
-        match self.journal.append(&r) {
-            Ok(()) => self.state.apply(&r),
-            Err(e) => warn!("cannot journal that the input changed: {e}"),
-        }
-        self.status.current = None;
-        self.write_status();
+        self.leave_in_inbox(&r);
     }
 
     /// Journals that `key` was taken but is left in the inbox for later
@@ -800,10 +795,16 @@ impl<R: Runner> Service<R> {
             reason: reason.to_owned(),
             at: now_rfc3339(),
         };
-        // Best effort: the disk may be the one that is full.
-        match self.journal.append(&r) {
-            Ok(()) => self.state.apply(&r),
-            Err(e) => warn!("cannot journal the deferral: {e}"),
+        self.leave_in_inbox(&r);
+    }
+
+    /// Journals `r` for an input left in the inbox, best effort: the disk
+    /// may be the one that is full, and nothing is lost without the line
+    /// (the input is still there).
+    fn leave_in_inbox(&mut self, r: &Record) {
+        match self.journal.append(r) {
+            Ok(()) => self.state.apply(r),
+            Err(e) => warn!("cannot journal {r:?}: {e}"),
         }
         self.status.current = None;
         self.write_status();
