@@ -101,6 +101,10 @@ pub struct LoopConfig {
     pub val_every: usize,
     #[serde(default = "default_fg_prob")]
     pub fg_prob: f64,
+    /// Probability that a window is centred in the head's lowest or
+    /// highest quarter (skull base and neck, vertex).
+    #[serde(default)]
+    pub edge_prob: f64,
     #[serde(default)]
     pub augment: Augment,
     /// Where checkpoints, metrics and plots go.
@@ -174,6 +178,15 @@ impl TrainConfig {
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             return Err(format!("train.lr must be positive, got {}", t.lr));
+        }
+        if !(0.0..=1.0).contains(&t.edge_prob) {
+            return Err(format!(
+                "train.edge_prob must be in [0, 1], got {}",
+                t.edge_prob
+            ));
+        }
+        if !(t.augment.gamma >= 0.0 && t.augment.fov_cut_mm >= 0.0) {
+            return Err("train.augment.gamma and fov_cut_mm must be >= 0".into());
         }
         if !(0.0..=1.0).contains(&t.fg_prob) {
             return Err(format!(

@@ -424,6 +424,10 @@ fn run(
         roi: cfg.model.roi,
         classes,
         fg_prob: t.fg_prob,
+        edge_prob: t.edge_prob,
+        // Cases are resampled to the target spacing; without one, 1 mm is
+        // the nominal slice for `fov_cut_mm`.
+        slice_mm: cfg.preprocess.target_spacing.map_or(1.0, |s| s[2]),
         augment: t.augment.clone(),
     };
     let mut rng = Rng::new(t.seed);

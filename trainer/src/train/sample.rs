@@ -9,8 +9,16 @@
 //! nearest neighbour. Slices are never interpolated: the slab's geometry is
 //! what the model sees at inference. Out-of-volume pixels are 0 in the image
 //! (the runtime's pad value) and background in the label. The intensity
-//! augmentations (scale and shift, a smooth multiplicative bias field,
-//! Gaussian noise) mimic what separates one scanner's T1 from another's.
+//! augmentations (gamma, scale and shift, a smooth multiplicative bias
+//! field, Gaussian noise) mimic what separates one scanner's T1 from
+//! another's.
+//!
+//! Where windows are centred is chosen against the brain-mask model's
+//! failures on clinical scans: besides brain voxels (`fg_prob`) and
+//! anywhere, the lowest and highest quarter of the head (skull base and
+//! neck, vertex) with `edge_prob`; and a field of view cut short at the top
+//! or bottom (`fov_cut_mm`), as a clinical scan that ends inside the
+//! cerebellum is, turns the cut-off slices into padding.
 
 use ndarray::{Array3, Array4};
 use serde::{Deserialize, Serialize};
@@ -76,6 +84,13 @@ pub struct Augment {
     pub bias_field: f64,
     /// Additive Gaussian noise, sd uniform in `[0, noise]` per window.
     pub noise: f64,
+    /// Gamma remapping of each window's intensities within the case's
+    /// range: `lo + (hi - lo) t^g`, `ln g` uniform in `± gamma`.
+    pub gamma: f64,
+    /// Half the windows see the field of view cut short: up to this many
+    /// mm of slices (along z, inferior-superior after reorientation) off
+    /// the top or the bottom become padding.
+    pub fov_cut_mm: f64,
 }
 
 impl Default for Augment {
@@ -89,6 +104,8 @@ impl Default for Augment {
             rotate: 0.0,
             bias_field: 0.0,
             noise: 0.0,
+            gamma: 0.0,
+            fov_cut_mm: 0.0,
         }
     }
 }
@@ -104,6 +121,8 @@ impl Augment {
             rotate: 0.0,
             bias_field: 0.0,
             noise: 0.0,
+            gamma: 0.0,
+            fov_cut_mm: 0.0,
         }
     }
 }
@@ -117,6 +136,11 @@ pub struct TrainCase {
     pub label: Array3<u8>,
     /// Flat indices of foreground voxels (subsampled), for oversampling.
     fg: Vec<usize>,
+    /// First and last slice (z) holding head: a voxel brighter than the
+    /// volume's mean.
+    head_z: (usize, usize),
+    /// Intensity range of each channel, for the gamma remapping.
+    range: Vec<(f32, f32)>,
 }
 
 impl TrainCase {
@@ -130,11 +154,25 @@ impl TrainCase {
             .collect();
         // Every 7th voxel is plenty to pick centres from and keeps memory low.
         let fg = all.into_iter().step_by(7).collect();
+        let image = image.as_standard_layout().into_owned();
+        let range = image
+            .outer_iter()
+            .map(|ch| {
+                ch.iter()
+                    .filter(|v| v.is_finite())
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                        (lo.min(v), hi.max(v))
+                    })
+            })
+            .collect();
+        let head_z = head_slices(&image);
         TrainCase {
             id,
-            image: image.as_standard_layout().into_owned(),
+            image,
             label,
             fg,
+            head_z,
+            range,
         }
     }
 }
@@ -148,6 +186,11 @@ pub struct Sampler {
     pub classes: usize,
     /// Probability that a window is centred on a foreground voxel.
     pub fg_prob: f64,
+    /// Probability that a window is centred in the lowest or the highest
+    /// quarter of the head's slices (skull base and neck, vertex).
+    pub edge_prob: f64,
+    /// Slice thickness of the preprocessed cases, mm (for `fov_cut_mm`).
+    pub slice_mm: f64,
     pub augment: Augment,
 }
 
@@ -170,14 +213,45 @@ impl Sampler {
         let (c, nx, ny, nz) = case.image.dim();
         let [rx, ry] = self.roi;
         let out_d = self.shape.output_depth();
+        let a = &self.augment;
+        // The slices this window's scan has, `z_lo..z_hi`. Every draw is
+        // made only when its feature is on, so configurations without it
+        // keep their random stream (and their results).
+        let (z_lo, z_hi) = if a.fov_cut_mm > 0.0 && rng.uniform() < 0.5 {
+            let cut = (rng.range(0.0, a.fov_cut_mm) / self.slice_mm.max(1e-6)).round() as usize;
+            let cut = cut.min(nz.saturating_sub(1));
+            if rng.uniform() < 0.5 {
+                (cut, nz)
+            } else {
+                (0, nz - cut)
+            }
+        } else {
+            (0, nz)
+        };
         // Centre voxel.
-        let (cx, cy, cz) = if !case.fg.is_empty() && rng.uniform() < self.fg_prob {
+        let edge = self.edge_prob > 0.0 && rng.uniform() < self.edge_prob;
+        let (cx, cy, cz) = if edge {
+            let (lo, hi) = case.head_z;
+            let band = ((hi - lo + 1) / 4).max(1);
+            let z = if rng.uniform() < 0.5 {
+                lo + rng.below(band)
+            } else {
+                hi + 1 - band + rng.below(band)
+            };
+            (rng.below(nx), rng.below(ny), z)
+        } else if !case.fg.is_empty() && rng.uniform() < self.fg_prob {
             let i = case.fg[rng.below(case.fg.len())];
             (i / (ny * nz), (i / nz) % ny, i % nz)
         } else {
             (rng.below(nx), rng.below(ny), rng.below(nz))
         };
-        let a = &self.augment;
+        // A centre in the cut-off part moves to the nearest slice kept.
+        let cz = cz.clamp(z_lo, z_hi - 1);
+        let gamma = if a.gamma > 0.0 {
+            rng.range(-a.gamma, a.gamma).exp()
+        } else {
+            1.0
+        };
         let zoom = if a.zoom[1] > a.zoom[0] {
             rng.range(a.zoom[0], a.zoom[1])
         } else {
@@ -247,8 +321,10 @@ impl Sampler {
         let (in_slices, out_slices): (Vec<i64>, Vec<i64>) = match self.shape {
             ModelShape::Slab { depth } => {
                 let z0 = cz as i64 - (depth / 2) as i64;
+                // Beyond the scan's ends the runtime repeats the end slice;
+                // a cut field of view ends the scan earlier.
                 let ins = (0..depth as i64)
-                    .map(|d| (z0 + d).clamp(0, nz as i64 - 1))
+                    .map(|d| (z0 + d).clamp(z_lo as i64, z_hi as i64 - 1))
                     .collect();
                 (ins, vec![cz as i64])
             }
@@ -274,12 +350,17 @@ impl Sampler {
                     1.0
                 };
                 for (d, &z) in in_slices.iter().enumerate() {
-                    if z < 0 || z >= nz as i64 {
+                    if z < z_lo as i64 || z >= z_hi as i64 {
                         continue;
                     }
                     for ch in 0..c {
                         let v = bilinear(&case.image, ch, sx, sy, z as usize);
-                        let mut v = (f64::from(v) * scale + shift) * bias;
+                        let v = if gamma != 1.0 {
+                            remap_gamma(v, case.range[ch], gamma)
+                        } else {
+                            f64::from(v)
+                        };
+                        let mut v = (v * scale + shift) * bias;
                         if noise_sd > 0.0 {
                             v += noise_sd * rng.normal();
                         }
@@ -293,7 +374,7 @@ impl Sampler {
                     }
                 }
                 for (d, &z) in out_slices.iter().enumerate() {
-                    let lab = if z < 0 || z >= nz as i64 {
+                    let lab = if z < z_lo as i64 || z >= z_hi as i64 {
                         0
                     } else {
                         nearest(&case.label, sx, sy, z as usize)
@@ -310,6 +391,39 @@ impl Sampler {
         }
         Sample { x, y }
     }
+}
+
+/// `v` gamma-remapped within `(lo, hi)`: the ends stay, the order stays.
+fn remap_gamma(v: f32, (lo, hi): (f32, f32), gamma: f64) -> f64 {
+    let (lo, hi) = (f64::from(lo), f64::from(hi));
+    if hi <= lo || !v.is_finite() {
+        return f64::from(v);
+    }
+    let t = ((f64::from(v) - lo) / (hi - lo)).clamp(0.0, 1.0);
+    lo + (hi - lo) * t.powf(gamma)
+}
+
+/// First and last slice (z) of the head: slices where at least 1% of the
+/// voxels are brighter than the volume's mean (air is darker).
+fn head_slices(image: &Array4<f32>) -> (usize, usize) {
+    let (_, nx, ny, nz) = image.dim();
+    let n = image.len().max(1) as f64;
+    let mean = image.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let need = (nx * ny) / 100;
+    let has_head = |z: usize| {
+        image
+            .slice(ndarray::s![.., .., .., z])
+            .iter()
+            .filter(|&&v| f64::from(v) > mean)
+            .count()
+            > need
+    };
+    let lo = (0..nz).find(|&z| has_head(z)).unwrap_or(0);
+    let hi = (0..nz)
+        .rev()
+        .find(|&z| has_head(z))
+        .unwrap_or(nz.saturating_sub(1));
+    (lo, hi.max(lo))
 }
 
 fn bilinear(img: &Array4<f32>, ch: usize, x: f64, y: f64, z: usize) -> f32 {
@@ -357,6 +471,8 @@ mod tests {
             roi: [4, 4],
             classes: 2,
             fg_prob: 0.0,
+            edge_prob: 0.0,
+            slice_mm: 1.0,
             augment: Augment::none(),
         }
     }
@@ -450,6 +566,87 @@ mod tests {
         }
         assert!(agree as f64 / total as f64 > 0.97, "{agree}/{total}");
         assert!(tilted > 0, "no window was rotated");
+    }
+
+    /// A head in slices 4..=19 of 24 (air above and below).
+    fn head_case() -> TrainCase {
+        let image = Array4::from_shape_fn((1, 8, 8, 24), |(_, _, _, z)| {
+            if (4..20).contains(&z) {
+                100.0 + z as f32
+            } else {
+                0.0
+            }
+        });
+        let label = Array3::from_shape_fn((8, 8, 24), |(_, _, z)| u8::from((8..16).contains(&z)));
+        TrainCase::new("head".into(), image, label)
+    }
+
+    #[test]
+    fn edge_sampling_centres_windows_on_the_head_s_lowest_and_highest_quarters() {
+        let c = head_case();
+        assert_eq!(c.head_z, (4, 19));
+        let mut s = sampler(ModelShape::Slab { depth: 1 });
+        s.edge_prob = 1.0;
+        let mut rng = Rng::new(4);
+        let (mut low, mut high) = (0, 0);
+        for _ in 0..200 {
+            let smp = s.sample(&c, &mut rng);
+            // The image holds 100 + z at every pixel of the slice (pixels
+            // beyond the image's sides are 0).
+            let top = smp.x.iter().cloned().fold(0.0f32, f32::max);
+            let z = (top - 100.0).round() as i64;
+            assert!((4..8).contains(&z) || (16..20).contains(&z), "slice {z}");
+            if z < 8 {
+                low += 1;
+            } else {
+                high += 1;
+            }
+        }
+        assert!(low > 60 && high > 60, "low {low} high {high}");
+    }
+
+    #[test]
+    fn a_cut_field_of_view_pads_the_cut_slices_and_keeps_centres_inside() {
+        let c = head_case();
+        // A tile twice the volume's depth always covers all of it.
+        let mut s = sampler(ModelShape::Volumetric {
+            tile_depth: 48,
+            patch_depth: 1,
+        });
+        s.slice_mm = 2.0;
+        s.augment.fov_cut_mm = 20.0;
+        let mut rng = Rng::new(6);
+        let mut cut_seen = 0;
+        for _ in 0..200 {
+            let smp = s.sample(&c, &mut rng);
+            // Tile [C, X, Y, Z] of 4 x 4 x 48, Z fastest: the brightest
+            // pixel of each slice (pixels beyond the image's sides are 0).
+            let column: Vec<f32> = (0..48)
+                .map(|d| (0..16).map(|p| smp.x[p * 48 + d]).fold(0.0f32, f32::max))
+                .collect();
+            let present = column.iter().filter(|&&v| v > 0.0).count();
+            // Never more than 10 slices (20 mm at 2 mm) off the 16 of the head.
+            assert!(present >= 10, "{column:?}");
+            cut_seen += usize::from(present < 16);
+            // Padding is background in the target too (class 0 comes first).
+            for (d, &v) in column.iter().enumerate() {
+                if v == 0.0 {
+                    assert!((0..16).all(|p| smp.y[p * 48 + d] == 1.0), "slice {d}");
+                }
+            }
+        }
+        assert!(cut_seen > 20, "{cut_seen}");
+    }
+
+    #[test]
+    fn gamma_keeps_the_range_ends_and_the_order() {
+        for g in [0.5, 1.0, 2.0] {
+            assert_eq!(remap_gamma(0.0, (0.0, 10.0), g), 0.0);
+            assert_eq!(remap_gamma(10.0, (0.0, 10.0), g), 10.0);
+            assert!(remap_gamma(3.0, (0.0, 10.0), g) < remap_gamma(4.0, (0.0, 10.0), g));
+        }
+        assert!(remap_gamma(5.0, (0.0, 10.0), 2.0) < 5.0);
+        assert!(remap_gamma(5.0, (0.0, 10.0), 0.5) > 5.0);
     }
 
     #[test]
