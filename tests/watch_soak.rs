@@ -830,6 +830,15 @@ fn watch_survives_kills_poison_and_slow_writers() {
          SIGTERM while on {terminated_on:?}",
         t0.elapsed().as_secs_f64()
     );
+    // The faults must have struck where they test something: three of the
+    // kills and the SIGTERM waited (up to 10 s each) for a volume to be in
+    // progress.
+    if hits == 0 {
+        soak.fail("no SIGKILL landed while a volume was in progress".into());
+    }
+    if terminated_on.is_none() {
+        soak.fail("the SIGTERM did not arrive while a volume was in progress".into());
+    }
 
     for w in writers {
         while !w.is_finished() {
