@@ -82,6 +82,18 @@ pub struct SegmentReport {
 }
 
 impl Segmenter {
+    /// A segmenter that cleans up the label map as the manifest asks (a
+    /// run from settings goes through [`crate::engine::open`], which also
+    /// applies the settings' post-processing choices).
+    pub fn new(model: Box<dyn Model>, manifest: Manifest, window_batch: usize) -> Segmenter {
+        Segmenter {
+            model,
+            postprocess: manifest.postprocess,
+            manifest,
+            window_batch: window_batch.max(1),
+        }
+    }
+
     /// Segments a volume already in memory. `source` names it in errors.
     pub fn segment(
         &self,

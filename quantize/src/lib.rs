@@ -318,12 +318,8 @@ fn evaluate(
         threads: opts.threads,
         ..Default::default()
     };
-    let segmenter = |model: Box<dyn Model>| Segmenter {
-        model,
-        manifest: manifest.clone(),
-        window_batch: opts.window_batch.max(1),
-        postprocess: manifest.postprocess,
-    };
+    let segmenter =
+        |model: Box<dyn Model>| Segmenter::new(model, manifest.clone(), opts.window_batch);
     let f = segmenter(Box::new(infl8_tract::TractModel::load(fp32, &load)?));
     let q = segmenter(Box::new(infl8_tract::TractModel::load(int8, &load)?));
     let limits = ReadLimits::default();

@@ -187,12 +187,7 @@ fn segment_with_best(ckpt: &Path, image: &Path) -> Vec<bool> {
         .unwrap()
         .unwrap();
     let model = infl8_trainer::checkpoint::load(ckpt, &device).unwrap();
-    let segmenter = Segmenter {
-        model: Box::new(BurnModel::new(model, device)),
-        window_batch: 4,
-        postprocess: manifest.postprocess,
-        manifest,
-    };
+    let segmenter = Segmenter::new(Box::new(BurnModel::new(model, device)), manifest, 4);
     let vol = nifti_io::read_volume(image, &ReadLimits::default()).unwrap();
     let seg = segmenter.segment(&vol, image, false, &|_, _| {}).unwrap();
     // [X, Y, Z] in logical order, as the label volume's data iterates.

@@ -120,12 +120,11 @@ fn validate(
 ) -> Result<Validation, TrainError> {
     let manifest = manifest_for(model, spec).map_err(TrainError::Other)?;
     let classes = model.config.classes;
-    let segmenter = Segmenter {
-        model: Box::new(BurnModel::new(model.clone(), device.clone())),
-        window_batch: 4,
-        postprocess: manifest.postprocess,
+    let segmenter = Segmenter::new(
+        Box::new(BurnModel::new(model.clone(), device.clone())),
         manifest,
-    };
+        4,
+    );
     let mut per_volume = Vec::new();
     let mut all = Vec::new();
     for c in cases {
