@@ -43,118 +43,21 @@ fn tract_library() -> PathBuf {
     library("infl8_tract")
 }
 
-/// The model's weights `[2, 1, 3, 3, 3]`: channel 0 ramps (k + 1) / 27
-/// over the 27 taps in C order, channel 1 alternates ±0.25 like a
-/// checkerboard.
-fn weight(o: usize, z: usize, y: usize, x: usize) -> f32 {
-    if o == 0 {
-        (z * 9 + y * 3 + x + 1) as f32 / 27.0
-    } else if (z + y + x).is_multiple_of(2) {
-        0.25
-    } else {
-        -0.25
-    }
-}
-
-const BIAS: [f32; 2] = [0.5, -1.0];
-
-/// A small ONNX model, written into a temporary directory that lives as
-/// long as this value: `image [batch, 1, 4, 4, 4] -> Conv3d(3x3x3, pad 1)
-/// -> logits [batch, 2, 4, 4, 4]`.
+/// The backend suite's Conv3d fixture (`infl8_onnx::examples::conv3d_model`),
+/// written into a temporary directory that lives as long as this value.
 struct Conv3dModel {
     _dir: tempfile::TempDir,
     path: PathBuf,
 }
 
 fn conv3d_model() -> Conv3dModel {
-    use infl8_onnx::builder::{Attr, Dim as D, GraphBuilder};
-    let mut w = Vec::with_capacity(54);
-    for o in 0..2 {
-        for z in 0..3 {
-            for y in 0..3 {
-                for x in 0..3 {
-                    w.push(weight(o, z, y, x));
-                }
-            }
-        }
-    }
-    let mut g = GraphBuilder::new("conv3d_1to2");
-    let image = g.input(
-        "image",
-        &[
-            D::Symbolic("batch"),
-            D::Fixed(1),
-            D::Fixed(4),
-            D::Fixed(4),
-            D::Fixed(4),
-        ],
-    );
-    let wname = g.weight("W", &[2, 1, 3, 3, 3], &w);
-    let bname = g.weight("B", &[2], &BIAS);
-    g.node(
-        "Conv",
-        &[&image, &wname, &bname],
-        vec![
-            ("kernel_shape", Attr::Ints(vec![3, 3, 3])),
-            ("pads", Attr::Ints(vec![1, 1, 1, 1, 1, 1])),
-            ("strides", Attr::Ints(vec![1, 1, 1])),
-        ],
-    );
-    g.rename_last_output("logits");
-    g.output(
-        "logits",
-        &[
-            D::Symbolic("batch"),
-            D::Fixed(2),
-            D::Fixed(4),
-            D::Fixed(4),
-            D::Fixed(4),
-        ],
-    );
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("conv3d.onnx");
-    infl8_onnx::write_model(&g.finish("infl8 tests"), &path).expect("write the model");
+    let path =
+        infl8_backend_suite::fixture(dir.path(), infl8_onnx::builder::Dim::Symbolic("batch"));
     Conv3dModel { _dir: dir, path }
 }
 
-/// Conv3d 1 -> 2 channels, 3x3x3 kernel, zero padding 1, over 4x4x4 items.
-fn reference(input: &[f32], batch: usize) -> Vec<f32> {
-    let at = |b: usize, z: isize, y: isize, x: isize| -> f32 {
-        let inside = |v: isize| (0..4).contains(&v);
-        if inside(z) && inside(y) && inside(x) {
-            input[b * 64 + (z * 16 + y * 4 + x) as usize]
-        } else {
-            0.0
-        }
-    };
-    let mut out = Vec::with_capacity(batch * 128);
-    for b in 0..batch {
-        for (o, bias) in BIAS.iter().enumerate() {
-            for z in 0..4isize {
-                for y in 0..4isize {
-                    for x in 0..4isize {
-                        let mut acc = *bias;
-                        for kz in 0..3 {
-                            for ky in 0..3 {
-                                for kx in 0..3 {
-                                    acc += weight(o, kz, ky, kx)
-                                        * at(
-                                            b,
-                                            z + kz as isize - 1,
-                                            y + ky as isize - 1,
-                                            x + kx as isize - 1,
-                                        );
-                                }
-                            }
-                        }
-                        out.push(acc);
-                    }
-                }
-            }
-        }
-    }
-    out
-}
+use infl8_onnx::examples::conv3d_reference as reference;
 
 fn input(batch: usize, seed: usize) -> Vec<f32> {
     (0..batch * 64)
@@ -162,15 +65,7 @@ fn input(batch: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
-fn assert_close(got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len());
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-            "value {i}: {g} != {w}"
-        );
-    }
-}
+use infl8_backend_suite::assert_close;
 
 /// Loads the conv3d model with tract from `host` and checks batches 1 and 5.
 fn check_tract(host: &PluginHost, threads: usize) {

@@ -210,6 +210,107 @@ pub fn conv_attention_model() -> ModelProto {
     g.finish("infl8-test")
 }
 
+/// Bias of [`conv3d_model`]'s two output channels.
+pub const CONV3D_BIAS: [f32; 2] = [0.5, -1.0];
+
+/// [`conv3d_model`]'s weights `[2, 1, 3, 3, 3]`: channel 0 ramps
+/// (k + 1) / 27 over the 27 taps in C order, channel 1 alternates ±0.25 like
+/// a checkerboard.
+pub fn conv3d_weight(o: usize, z: usize, y: usize, x: usize) -> f32 {
+    if o == 0 {
+        (z * 9 + y * 3 + x + 1) as f32 / 27.0
+    } else if (z + y + x).is_multiple_of(2) {
+        0.25
+    } else {
+        -0.25
+    }
+}
+
+/// The backend tests' fixture: `image [batch, 1, 4, 4, 4] -> Conv3d(3x3x3,
+/// pad 1) -> logits [batch, 2, 4, 4, 4]`, its output known exactly from
+/// [`conv3d_reference`].
+pub fn conv3d_model(batch: Dim) -> ModelProto {
+    let mut w = Vec::with_capacity(54);
+    for o in 0..2 {
+        for z in 0..3 {
+            for y in 0..3 {
+                for x in 0..3 {
+                    w.push(conv3d_weight(o, z, y, x));
+                }
+            }
+        }
+    }
+    let dims = |c: i64| {
+        [
+            batch.clone(),
+            Dim::Fixed(c),
+            Dim::Fixed(4),
+            Dim::Fixed(4),
+            Dim::Fixed(4),
+        ]
+    };
+    let mut g = GraphBuilder::new("conv3d_1to2");
+    let image = g.input("image", &dims(1));
+    let wname = g.weight("W", &[2, 1, 3, 3, 3], &w);
+    let bname = g.weight("B", &[2], &CONV3D_BIAS);
+    g.node(
+        "Conv",
+        &[&image, &wname, &bname],
+        vec![
+            ("kernel_shape", Attr::Ints(vec![3, 3, 3])),
+            ("pads", Attr::Ints(vec![1, 1, 1, 1, 1, 1])),
+            ("strides", Attr::Ints(vec![1, 1, 1])),
+        ],
+    );
+    g.rename_last_output("logits");
+    g.output("logits", &dims(2));
+    g.finish("infl8 tests")
+}
+
+/// [`conv3d_model`] in plain loops: `out[b][o][z][y][x] = bias[o] + sum of
+/// w * in` over the 3x3x3 neighbourhood, zero outside.
+pub fn conv3d_reference(input: &[f32], batch: usize) -> Vec<f32> {
+    let at = |b: usize, z: isize, y: isize, x: isize| -> f32 {
+        let inside = |v: isize| (0..4).contains(&v);
+        if inside(z) && inside(y) && inside(x) {
+            input[b * 64 + (z * 16 + y * 4 + x) as usize]
+        } else {
+            0.0
+        }
+    };
+    let mut out = Vec::with_capacity(batch * 128);
+    for b in 0..batch {
+        for (o, bias) in CONV3D_BIAS.iter().enumerate() {
+            for z in 0..4isize {
+                for y in 0..4isize {
+                    for x in 0..4isize {
+                        let mut acc = *bias;
+                        for kz in 0..3usize {
+                            for ky in 0..3usize {
+                                for kx in 0..3usize {
+                                    let (dz, dy, dx) =
+                                        (kz as isize - 1, ky as isize - 1, kx as isize - 1);
+                                    acc += conv3d_weight(o, kz, ky, kx)
+                                        * at(b, z + dz, y + dy, x + dx);
+                                }
+                            }
+                        }
+                        out.push(acc);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A deterministic input for [`conv3d_model`]: `batch` windows of 4^3.
+pub fn conv3d_input(batch: usize) -> Vec<f32> {
+    (0..batch * 64)
+        .map(|i| ((i * 7) % 11) as f32 * 0.5 - 2.0)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,16 +1,19 @@
 //! The ort backends in process (no plugin boundary), on the ONNX Runtime
 //! that `scripts/fetch-ort.sh` puts in `.cache/onnxruntime/cpu/` (given as the
-//! `library` load option; `ORT_DYLIB_PATH` overrides nothing here): numbers
-//! against a plain-loop reference, batching, errors, and the GPU backends'
-//! clean refusal on an ONNX Runtime without their execution provider.
+//! `library` load option; `ORT_DYLIB_PATH` overrides nothing here): the
+//! backend suite (`infl8-backend-suite`: numbers against a plain-loop
+//! reference, batching, errors), one library per process, and the GPU
+//! backends' clean refusal on an ONNX Runtime without their execution
+//! provider.
 //!
 //! One process holds one ONNX Runtime, so every test here uses the same
 //! library; the missing-library case lives in `missing_library.rs`.
 
 use std::path::{Path, PathBuf};
 
-use infl8_backend::{Backend, BackendError, Dim, LoadOptions};
-use infl8_onnx::builder::{Attr, Dim as OnnxDim, GraphBuilder};
+use infl8_backend::{Backend, BackendError, LoadOptions};
+use infl8_backend_suite as suite;
+use infl8_onnx::builder::Dim as OnnxDim;
 use infl8_ort::{OrtBackend, Provider};
 
 /// The CPU ONNX Runtime fetched by `scripts/fetch-ort.sh`.
@@ -44,214 +47,36 @@ fn cpu() -> OrtBackend {
     OrtBackend::new(Provider::Cpu)
 }
 
-/// Conv3d weights `[2, 1, 3, 3, 3]`: channel 0 ramps (k + 1) / 27 over the
-/// 27 taps in C order, channel 1 alternates ±0.25 like a checkerboard.
-fn weight(o: usize, z: usize, y: usize, x: usize) -> f32 {
-    if o == 0 {
-        (z * 9 + y * 3 + x + 1) as f32 / 27.0
-    } else if (z + y + x).is_multiple_of(2) {
-        0.25
-    } else {
-        -0.25
-    }
-}
-
-const BIAS: [f32; 2] = [0.5, -1.0];
-
-/// `image [batch, 1, 4, 4, 4] -> Conv3d(3x3x3, pad 1) -> logits [batch, 2, 4, 4, 4]`,
-/// written into `dir`.
-fn conv3d_model(dir: &Path, batch: OnnxDim) -> PathBuf {
-    let mut w = Vec::with_capacity(54);
-    for o in 0..2 {
-        for z in 0..3 {
-            for y in 0..3 {
-                for x in 0..3 {
-                    w.push(weight(o, z, y, x));
-                }
-            }
-        }
-    }
-    let mut g = GraphBuilder::new("conv3d_1to2");
-    let image = g.input(
-        "image",
-        &[
-            batch.clone(),
-            OnnxDim::Fixed(1),
-            OnnxDim::Fixed(4),
-            OnnxDim::Fixed(4),
-            OnnxDim::Fixed(4),
-        ],
-    );
-    let wname = g.weight("W", &[2, 1, 3, 3, 3], &w);
-    let bname = g.weight("B", &[2], &BIAS);
-    g.node(
-        "Conv",
-        &[&image, &wname, &bname],
-        vec![
-            ("kernel_shape", Attr::Ints(vec![3, 3, 3])),
-            ("pads", Attr::Ints(vec![1, 1, 1, 1, 1, 1])),
-            ("strides", Attr::Ints(vec![1, 1, 1])),
-        ],
-    );
-    g.rename_last_output("logits");
-    g.output(
-        "logits",
-        &[
-            batch,
-            OnnxDim::Fixed(2),
-            OnnxDim::Fixed(4),
-            OnnxDim::Fixed(4),
-            OnnxDim::Fixed(4),
-        ],
-    );
-    let path = dir.join("conv3d.onnx");
-    infl8_onnx::write_model(&g.finish("infl8 tests"), &path).expect("write model");
-    path
-}
-
-/// Plain loops: out[b][o][z][y][x] = bias[o] + sum of w * in over the 3x3x3
-/// neighbourhood, zero outside.
-fn reference(input: &[f32], batch: usize) -> Vec<f32> {
-    let at = |b: usize, z: isize, y: isize, x: isize| -> f32 {
-        let inside = |v: isize| (0..4).contains(&v);
-        if inside(z) && inside(y) && inside(x) {
-            input[b * 64 + (z * 16 + y * 4 + x) as usize]
-        } else {
-            0.0
-        }
-    };
-    let mut out = Vec::with_capacity(batch * 128);
-    for b in 0..batch {
-        for (o, bias) in BIAS.iter().enumerate() {
-            for z in 0..4isize {
-                for y in 0..4isize {
-                    for x in 0..4isize {
-                        let mut acc = *bias;
-                        for kz in 0..3usize {
-                            for ky in 0..3usize {
-                                for kx in 0..3usize {
-                                    let (dz, dy, dx) =
-                                        (kz as isize - 1, ky as isize - 1, kx as isize - 1);
-                                    acc += weight(o, kz, ky, kx) * at(b, z + dz, y + dy, x + dx);
-                                }
-                            }
-                        }
-                        out.push(acc);
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-fn input(batch: usize) -> Vec<f32> {
-    (0..batch * 64)
-        .map(|i| ((i * 7) % 11) as f32 * 0.5 - 2.0)
-        .collect()
-}
-
-fn assert_close(got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len());
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-            "value {i}: {g} != {w}"
-        );
-    }
-}
-
 #[test]
 fn runs_whole_batches_with_any_thread_count() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = conv3d_model(dir.path(), OnnxDim::Symbolic("batch"));
-    for threads in [0, 1, 2] {
-        let model = cpu().load(&path, &opts(threads)).unwrap();
-        assert_eq!(model.input().name, "image");
-        assert_eq!(model.output().name, "logits");
-        assert_eq!(model.input().shape[0], Dim::Symbolic("batch".into()));
-        assert_eq!(model.input().shape[1..], [1, 4, 4, 4].map(Dim::Fixed));
-        assert_eq!(model.output().shape[0], Dim::Symbolic("batch".into()));
-        assert_eq!(model.output().shape[1..], [2, 4, 4, 4].map(Dim::Fixed));
-        for batch in [1, 5] {
-            let out = model.run(&input(batch), &[batch, 1, 4, 4, 4]).unwrap();
-            assert_eq!(out.shape(), &[batch, 2, 4, 4, 4]);
-            assert_close(out.data(), &reference(&input(batch), batch));
-        }
-        let empty = model.run(&[], &[0, 1, 4, 4, 4]).unwrap();
-        assert_eq!(empty.shape(), &[0, 2, 4, 4, 4]);
-    }
+    suite::runs_batches_with_any_thread_count(&cpu(), &opts, &[0, 1, 2]);
 }
 
 #[test]
 fn models_run_from_several_threads() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = conv3d_model(dir.path(), OnnxDim::Symbolic("batch"));
-    let model = cpu().load(&path, &opts(1)).unwrap();
-    std::thread::scope(|s| {
-        for t in 0..3 {
-            let model = &model;
-            s.spawn(move || {
-                for i in 0..10 {
-                    let batch = 1 + (t + i) % 3;
-                    let out = model.run(&input(batch), &[batch, 1, 4, 4, 4]).unwrap();
-                    assert_close(out.data(), &reference(&input(batch), batch));
-                }
-            });
-        }
-    });
+    suite::models_run_from_several_threads(&cpu(), &opts);
 }
 
 #[test]
 fn a_fixed_batch_of_one_runs_item_by_item() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = conv3d_model(dir.path(), OnnxDim::Fixed(1));
-    let model = cpu().load(&path, &opts(1)).unwrap();
-    assert!(matches!(model.input().shape[0], Dim::Symbolic(_)));
-    assert!(matches!(model.output().shape[0], Dim::Symbolic(_)));
-    let out = model.run(&input(3), &[3, 1, 4, 4, 4]).unwrap();
-    assert_eq!(out.shape(), &[3, 2, 4, 4, 4]);
-    assert_close(out.data(), &reference(&input(3), 3));
+    suite::a_fixed_batch_of_one_takes_any_batch(&cpu(), &opts);
 }
 
 #[test]
 fn a_fixed_batch_above_one_runs_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = conv3d_model(dir.path(), OnnxDim::Fixed(2));
-    let model = cpu().load(&path, &opts(1)).unwrap();
-    assert_eq!(model.input().shape[0], Dim::Fixed(2));
-    let out = model.run(&input(2), &[2, 1, 4, 4, 4]).unwrap();
-    assert_close(out.data(), &reference(&input(2), 2));
-    assert!(matches!(
-        model.run(&input(3), &[3, 1, 4, 4, 4]),
-        Err(BackendError::Shape { .. })
-    ));
+    suite::a_fixed_batch_above_one_runs_whole(&cpu(), &opts);
 }
 
 #[test]
 fn clear_errors() {
-    let e = cpu()
-        .load(Path::new("/nonexistent/model.onnx"), &opts(1))
-        .err()
-        .unwrap();
-    assert!(matches!(e, BackendError::Load { .. }), "{e:?}");
-    assert!(e.to_string().contains("/nonexistent/model.onnx"), "{e}");
-
+    suite::errors_are_clear(&cpu(), &opts);
+    // ort's own: a corrupt file's error names it, and a bad option too.
     let dir = tempfile::tempdir().unwrap();
     let corrupt = dir.path().join("corrupt.onnx");
     std::fs::write(&corrupt, b"this is not protobuf \xff\xff\xff").unwrap();
     let e = cpu().load(&corrupt, &opts(1)).err().unwrap();
-    eprintln!("{e}");
-    assert!(matches!(e, BackendError::Load { .. }), "{e:?}");
     assert!(e.to_string().contains("corrupt.onnx"), "{e}");
-
-    let path = conv3d_model(dir.path(), OnnxDim::Symbolic("batch"));
-    let model = cpu().load(&path, &opts(1)).unwrap();
-    let e = model.run(&[0.0; 2 * 125], &[2, 1, 5, 5, 5]).unwrap_err();
-    assert!(matches!(e, BackendError::Shape { .. }), "{e:?}");
-    let e = model.run(&[0.0; 10], &[2, 1, 4, 4, 4]).unwrap_err();
-    assert!(e.to_string().contains("input holds 10 values"), "{e}");
-
+    let path = suite::fixture(dir.path(), OnnxDim::Symbolic("batch"));
     let mut bad = opts(1);
     bad.extra.insert("trt_fp16".into(), "maybe".into());
     let e = OrtBackend::new(Provider::TensorRt)
@@ -264,7 +89,7 @@ fn clear_errors() {
 #[test]
 fn another_library_in_the_same_process_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let path = conv3d_model(dir.path(), OnnxDim::Symbolic("batch"));
+    let path = suite::fixture(dir.path(), OnnxDim::Symbolic("batch"));
     cpu().load(&path, &opts(1)).unwrap();
     let other = dir.path().join("libonnxruntime.so");
     std::fs::copy(ort_library(), &other).unwrap();
@@ -285,7 +110,7 @@ fn another_library_in_the_same_process_is_refused() {
 #[test]
 fn gpu_backends_refuse_a_cpu_only_onnx_runtime() {
     let dir = tempfile::tempdir().unwrap();
-    let path = conv3d_model(dir.path(), OnnxDim::Symbolic("batch"));
+    let path = suite::fixture(dir.path(), OnnxDim::Symbolic("batch"));
     for (provider, ep) in [
         (Provider::Cuda, "CUDAExecutionProvider"),
         (Provider::TensorRt, "TensorrtExecutionProvider"),
