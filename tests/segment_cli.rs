@@ -413,17 +413,7 @@ fn a_volume_in_a_worker_process_gives_the_same_labels() {
     let model = example_model(dir.path(), 32);
     let [inproc, worker] = ["off", "process"].map(|isolation| {
         let out = dir.path().join(format!("{isolation}.nii.gz"));
-        ok(&infl8(&[
-            "segment",
-            "--model",
-            s(&model),
-            "--input",
-            s(&t1_2mm()),
-            "--output",
-            s(&out),
-            "--isolation",
-            isolation,
-        ]));
+        ok(&segment(&model, &t1_2mm(), &out, &["--isolation", isolation]));
         nifti_io::read_volume(&out, &ReadLimits::default()).unwrap()
     });
     assert_eq!(inproc.data, worker.data);
