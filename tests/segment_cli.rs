@@ -413,7 +413,12 @@ fn a_volume_in_a_worker_process_gives_the_same_labels() {
     let model = example_model(dir.path(), 32);
     let [inproc, worker] = ["off", "process"].map(|isolation| {
         let out = dir.path().join(format!("{isolation}.nii.gz"));
-        ok(&segment(&model, &t1_2mm(), &out, &["--isolation", isolation]));
+        ok(&segment(
+            &model,
+            &t1_2mm(),
+            &out,
+            &["--isolation", isolation],
+        ));
         nifti_io::read_volume(&out, &ReadLimits::default()).unwrap()
     });
     assert_eq!(inproc.data, worker.data);

@@ -41,9 +41,10 @@ pub fn runs_batches_with_any_thread_count(backend: &dyn Backend, opts: Options, 
         let model = backend.load(&path, &opts(t)).expect("load");
         assert_eq!(model.input().name, "image");
         assert_eq!(model.output().name, "logits");
-        assert_eq!(model.input().shape[0], Dim::Symbolic("batch".into()));
+        // Any batch: a symbolic first dim (its name is the backend's own).
+        assert!(matches!(model.input().shape[0], Dim::Symbolic(_)));
         assert_eq!(model.input().shape[1..], [1, 4, 4, 4].map(Dim::Fixed));
-        assert_eq!(model.output().shape[0], Dim::Symbolic("batch".into()));
+        assert!(matches!(model.output().shape[0], Dim::Symbolic(_)));
         assert_eq!(model.output().shape[1..], [2, 4, 4, 4].map(Dim::Fixed));
         for batch in [1, 5] {
             let out = model.run(&input(batch), &[batch, 1, 4, 4, 4]).expect("run");

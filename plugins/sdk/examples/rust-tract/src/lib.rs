@@ -24,7 +24,9 @@ infl8_backend::export_plugin! {
     backends: [Box::new(ExampleBackend)],
 }
 
-struct ExampleBackend;
+/// The example's one backend (public for its tests, which run the backend
+/// suite on it in process).
+pub struct ExampleBackend;
 
 impl Backend for ExampleBackend {
     fn name(&self) -> &str {
@@ -41,8 +43,11 @@ impl Backend for ExampleBackend {
 }
 
 struct ExampleModel {
-    /// Specialised to batch 1: each item of a batch runs on its own.
+    /// Specialised to the model's fixed batch, else to batch 1 (each item
+    /// of a batch then runs on its own).
     plan: Arc<TypedRunnableModel>,
+    /// Items per plan run.
+    batch: usize,
     input: TensorInfo,
     output: TensorInfo,
 }
@@ -74,7 +79,14 @@ impl ExampleModel {
             .node(model.input_outlets().map_err(tract)?[0].node)
             .name
             .clone();
-        let in_shape: Vec<usize> = std::iter::once(1).chain(item.iter().copied()).collect();
+        // A batch fixed above one runs whole; any other runs item by item.
+        let fixed_batch = match fact.shape.dims().next() {
+            Some(GenericFactoid::Only(d)) => d.as_i64().and_then(|d| usize::try_from(d).ok()),
+            _ => None,
+        }
+        .filter(|&b| b > 1);
+        let batch = fixed_batch.unwrap_or(1);
+        let in_shape: Vec<usize> = std::iter::once(batch).chain(item.iter().copied()).collect();
         model
             .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), in_shape))
             .map_err(tract)?;
@@ -86,20 +98,30 @@ impl ExampleModel {
         let out_shape = out_fact
             .shape
             .as_concrete()
-            .filter(|s| s.first() == Some(&1))
+            .filter(|s| s.first() == Some(&batch))
             .ok_or_else(|| fail("the output must be batch-first with a known shape".into()))?;
+        let first = match fixed_batch {
+            Some(b) => Dim::Fixed(b),
+            None => Dim::Symbolic("N".into()),
+        };
         let info = |name: String, rest: &[usize]| TensorInfo {
             name,
-            shape: std::iter::once(Dim::Symbolic("N".into()))
+            shape: std::iter::once(first.clone())
                 .chain(rest.iter().map(|&d| Dim::Fixed(d)))
                 .collect(),
         };
-        let output_name = plan
-            .model()
-            .node(plan.model().output_outlets().map_err(tract)?[0].node);
+        // The ONNX output's own name (the outlet's label), not the name of
+        // whatever node the optimiser left producing it.
+        let typed = plan.model();
+        let outlet = typed.output_outlets().map_err(tract)?[0];
+        let output_name = typed
+            .outlet_label(outlet)
+            .unwrap_or(&typed.node(outlet.node).name)
+            .to_owned();
         Ok(ExampleModel {
             input: info(input_name, &item),
-            output: info(output_name.name.clone(), &out_shape[1..]),
+            output: info(output_name, &out_shape[1..]),
+            batch,
             plan,
         })
     }
@@ -119,9 +141,10 @@ impl Model for ExampleModel {
         // into INFL8_SHAPE_MISMATCH with the message.
         self.input.check_run_input(data.len(), shape)?;
         let run_error = |e: TractError| BackendError::Run(format!("{e:#}"));
-        // The plan runs batch 1: the helper feeds it one item at a time and
-        // joins the outputs, checking that each comes back batch-first.
-        Split::new(data, shape, 1)?.run_in_order(&self.output, |item, item_shape| {
+        // The plan runs `batch` items: the helper feeds it that many at a
+        // time and joins the outputs, checking that each comes back
+        // batch-first.
+        Split::new(data, shape, self.batch)?.run_in_order(&self.output, |item, item_shape| {
             let x = tract_onnx::prelude::Tensor::from_shape(item_shape, item).map_err(run_error)?;
             let y = self.plan.run(tvec![x.into_tvalue()]).map_err(run_error)?;
             let y = y[0].cast_to::<f32>().map_err(run_error)?;
