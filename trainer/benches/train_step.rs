@@ -8,7 +8,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Distribution, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
-use infl8_trainer::build::{BuildOptions, build};
+use infl8_trainer::assemble::{BuildOptions, build};
 use infl8_trainer::inflate::{DepthRule, Init};
 use infl8_trainer::model::ModelShape;
 use infl8_trainer::vit::{Vit2d, VitConfig};

@@ -1,4 +1,4 @@
-pub mod build;
+pub mod assemble;
 pub mod checkpoint;
 pub mod degrade;
 pub mod export;

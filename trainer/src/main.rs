@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use infl8_core::preprocess::{Normalization, PreprocessSpec};
-use infl8_trainer::build::{BuildOptions, build};
+use infl8_trainer::assemble::{BuildOptions, build};
 use infl8_trainer::checkpoint;
 use infl8_trainer::export::{RuntimeSpec, export, manifest_for};
 use infl8_trainer::import::{ImportOptions, load_vit2d_with, save_vit2d};

@@ -4,7 +4,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use infl8_core::manifest;
 use infl8_core::preprocess::{Normalization, PreprocessSpec};
-use infl8_trainer::build::{BuildOptions, build};
+use infl8_trainer::assemble::{BuildOptions, build};
 use infl8_trainer::checkpoint;
 use infl8_trainer::export::{RuntimeSpec, VERIFY_LIMIT, export, manifest_for, to_onnx, verify};
 use infl8_trainer::inflate::{DepthRule, Init};

@@ -2,7 +2,7 @@
 //! encoders reproduce the 2D ViT's tokens on the inputs where they should.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use infl8_trainer::build::{BuildOptions, build};
+use infl8_trainer::assemble::{BuildOptions, build};
 use infl8_trainer::inflate::{DepthRule, InflateSpec, Init, Vit3dWeights, inflate};
 use infl8_trainer::model::{Encoder, ModelShape};
 use infl8_trainer::vit::{Vit2d, VitConfig};

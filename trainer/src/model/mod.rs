@@ -150,7 +150,7 @@ pub fn with_stable_param_ids(model: SegModel) -> SegModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::{BuildOptions, build};
+    use crate::assemble::{BuildOptions, build};
     use crate::inflate::{DepthRule, Init};
     use crate::vit::{Vit2d, VitConfig};
     use burn::module::{ModuleVisitor, Param};

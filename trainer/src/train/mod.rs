@@ -23,7 +23,7 @@ use infl8_core::segment::Segmenter;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use crate::build::{BuildOptions, build};
+use crate::assemble::{BuildOptions, build};
 use crate::checkpoint;
 use crate::export::{RuntimeSpec, manifest_for};
 use crate::import::{ImportOptions, load_vit2d_with};
@@ -43,7 +43,7 @@ pub enum TrainError {
     #[error("{0}")]
     Import(#[from] crate::import::ImportError),
     #[error("{0}")]
-    Build(#[from] crate::build::BuildError),
+    Build(#[from] crate::assemble::BuildError),
     #[error("{0}")]
     Inflate(#[from] crate::inflate::InflateError),
     #[error("{0}")]
