@@ -9,7 +9,6 @@ pub mod budget;
 #[cfg(feature = "cli")]
 pub mod cli_args;
 pub mod config;
-pub mod dataset;
 pub mod fsio;
 /// Entry points of the `cargo fuzz` targets (`fuzz/`), not a stable API.
 #[cfg(feature = "fuzzing")]

@@ -24,9 +24,11 @@ use ndarray::{Array3, Axis};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::nifti_io::{NiftiIoError, NonFinite, ReadLimits, read_volume};
-use crate::preprocess::{Inverse, PreprocessError, PreprocessSpec, preprocess, preprocess_labels};
-use crate::volume::Volume;
+use infl8_core::nifti_io::{NiftiIoError, NonFinite, ReadLimits, read_volume};
+use infl8_core::preprocess::{
+    Inverse, PreprocessError, PreprocessSpec, preprocess, preprocess_labels,
+};
+use infl8_core::volume::Volume;
 
 /// The MSD manifest's file name.
 pub const MSD_MANIFEST: &str = "dataset.json";
@@ -504,12 +506,12 @@ pub fn split(cases: &[Case], validation_fraction: f64, seed: u64) -> (Vec<Case>,
     (training, validation)
 }
 
-/// [`crate::rng::splitmix64`]: splits reproducible on every platform.
+/// [`infl8_core::rng::splitmix64`]: splits reproducible on every platform.
 struct SplitMix64(u64);
 
 impl SplitMix64 {
     fn next(&mut self) -> u64 {
-        crate::rng::splitmix64(&mut self.0)
+        infl8_core::rng::splitmix64(&mut self.0)
     }
 
     /// Uniform in `0..n` by multiply-shift (Lemire): no modulo bias worth
@@ -846,8 +848,8 @@ fn json_err(path: &Path, source: serde_json::Error) -> DatasetError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nifti_io::{DataType, write_volume};
-    use crate::preprocess::Normalization;
+    use infl8_core::nifti_io::{DataType, write_volume};
+    use infl8_core::preprocess::Normalization;
     use ndarray::Array4;
 
     /// Voxel axes stored (L, S, P): a permutation plus flips, so loading
