@@ -16,9 +16,11 @@
 //!
 //! `read.rs` parses, validates and decodes; `affine.rs` derives the
 //! voxel-to-world affine (sform, qform, pixdim) and writes geometry back;
-//! `write.rs` builds output headers and bodies.
+//! `write.rs` builds output headers and bodies; `naming.rs` says which
+//! file names are NIfTI images and how dataset pairs are named.
 
 mod affine;
+pub mod naming;
 mod read;
 #[cfg(test)]
 mod tests;
@@ -31,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsio::{self, WriteError};
 
+pub use naming::{PairRole, is_nifti, label_beside, nifti_stem, pair_part, strip_nifti_extension};
 pub use read::{read_volume, read_volume_bytes};
 pub use write::{write_labels, write_logits, write_volume};
 

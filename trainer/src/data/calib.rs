@@ -5,41 +5,19 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use infl8_core::nifti_io::{PairRole, is_nifti, label_beside, nifti_stem, pair_part};
 use infl8_quantize::Case;
 
 use super::dataset::open_dataset;
 
-fn is_nifti(p: &Path) -> bool {
-    let n = p
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    !n.starts_with('.') && (n.ends_with(".nii") || n.ends_with(".nii.gz"))
-}
-
+/// The case id of a calibration file: `<id>` of `<id>_image.nii[.gz]`,
+/// else the file's stem.
 fn id_of(p: &Path) -> String {
-    let n = p
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let n = n.strip_suffix(".gz").unwrap_or(&n);
-    let n = n.strip_suffix(".nii").unwrap_or(n);
-    n.strip_suffix("_image").unwrap_or(n).to_string()
-}
-
-/// `<id>_label.nii[.gz]` beside `<id>_image.nii[.gz]`, if there.
-fn sibling_label(image: &Path) -> Option<PathBuf> {
-    let name = image.file_name()?.to_str()?;
-    for (img, lab) in [
-        ("_image.nii.gz", "_label.nii.gz"),
-        ("_image.nii", "_label.nii"),
-    ] {
-        if let Some(stem) = name.strip_suffix(img) {
-            let p = image.with_file_name(format!("{stem}{lab}"));
-            return p.is_file().then_some(p);
-        }
+    let name = p.file_name().unwrap_or_default();
+    match pair_part(&name.to_string_lossy()) {
+        Some((id, PairRole::Image)) => id.to_string(),
+        _ => nifti_stem(name),
     }
-    None
 }
 
 /// The cases a --calib / --eval path stands for.
@@ -53,7 +31,7 @@ pub fn cases_of(path: &Path) -> Result<Vec<Case>> {
         return Ok(vec![Case {
             id: id_of(path),
             image: path.to_path_buf(),
-            label: sibling_label(path),
+            label: label_beside(path),
         }]);
     }
     match open_dataset(path) {
@@ -87,10 +65,34 @@ pub fn cases_of(path: &Path) -> Result<Vec<Case>> {
                 .into_iter()
                 .map(|p| Case {
                     id: id_of(&p),
-                    label: sibling_label(&p),
+                    label: label_beside(&p),
                     image: p,
                 })
                 .collect())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_calibration_folder_takes_nifti_names_in_any_case() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["scan.NII.GZ", "other.nii", ".hidden.nii", "notes.txt"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let cases = cases_of(dir.path()).unwrap();
+        let ids: Vec<&str> = cases.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["other", "scan"]);
+
+        std::fs::write(dir.path().join("c1_label.NII.GZ"), b"").unwrap();
+        let one = cases_of(&dir.path().join("c1_IMAGE.NII.GZ"));
+        assert!(one.is_err(), "a missing file is an error, not a case");
+        std::fs::write(dir.path().join("c1_IMAGE.NII.GZ"), b"").unwrap();
+        let one = cases_of(&dir.path().join("c1_IMAGE.NII.GZ")).unwrap();
+        assert_eq!(one[0].id, "c1");
+        assert_eq!(one[0].label, Some(dir.path().join("c1_label.NII.GZ")));
     }
 }
