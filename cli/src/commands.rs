@@ -7,38 +7,12 @@ use anyhow::Result;
 use infl8_core::config::{self, Settings};
 use infl8_core::engine::{self, LoadedModel};
 use infl8_core::manifest::{self, InferenceMode, Manifest};
+pub(crate) use infl8_core::nifti_io::{is_nifti, nifti_stem};
 
 use crate::flags::{ExampleModelArgs, InfoArgs, RuntimeArgs};
 
 pub(crate) fn settings_for(runtime: &RuntimeArgs, layer: &serde_json::Value) -> Result<Settings> {
     Ok(config::load(runtime.config.as_deref(), None, layer)?)
-}
-
-pub(crate) fn is_nifti(p: &Path) -> bool {
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
-    (name.ends_with(".nii") || name.ends_with(".nii.gz")) && !name.starts_with('.')
-}
-
-/// `name.nii.gz` / `name.nii` -> `name` (other names unchanged).
-pub(crate) fn nifti_stem(input_name: &std::ffi::OsStr) -> String {
-    let name = input_name.to_string_lossy();
-    let b = name.as_bytes();
-    let has = |suffix: &str| {
-        b.len() >= suffix.len()
-            && b[b.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
-    };
-    // The suffixes are ASCII, so cutting them off stays on a char boundary.
-    let stem = if has(".nii.gz") {
-        &name[..name.len() - 7]
-    } else if has(".nii") {
-        &name[..name.len() - 4]
-    } else {
-        &name
-    };
-    stem.to_string()
 }
 
 /// `s` with control characters (a newline in a file name) escaped, so a

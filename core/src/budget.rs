@@ -6,7 +6,7 @@
 use std::fmt;
 
 use crate::backend::Model;
-use crate::inference::sliding_window::{axis_window_count, resolve_roi};
+use crate::inference::grid::{axis_window_count, resolve_roi};
 use crate::manifest::{InferenceMode, Manifest};
 use crate::preprocess::{self, PreprocessError};
 use crate::volume::Volume;

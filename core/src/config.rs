@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::LoadOptions;
-use crate::inference::BlendMode;
+/// Kept here too: the settings' `model` section is where users meet it.
+pub use crate::manifest::ModelOverrides;
 use crate::nifti_io::{NonFinite, ReadLimits};
 
 #[derive(Debug, thiserror::Error)]
@@ -233,25 +234,6 @@ impl Postprocess {
             own.union(model)
         }
     }
-}
-
-/// Manifest fields a user can give or override (see [`crate::manifest`]).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelOverrides {
-    pub roi: Option<[usize; 3]>,
-    pub overlap: Option<f64>,
-    pub blend: Option<BlendMode>,
-    pub sigma_scale: Option<f64>,
-    /// Switches to 2.5D slab inference with this many slices.
-    pub slab_depth: Option<usize>,
-    /// Intensity window `[lo, hi]`, clipped and scaled to [0, 1].
-    pub window: Option<[f64; 2]>,
-    /// z-score normalisation instead of a window.
-    pub zscore: Option<bool>,
-    pub spacing: Option<[f64; 3]>,
-    pub input_channels: Option<usize>,
-    pub labels: Option<Vec<String>>,
 }
 
 /// Builds the settings from the layers. `flags` holds only what the user

@@ -9,7 +9,6 @@ pub mod budget;
 #[cfg(feature = "cli")]
 pub mod cli_args;
 pub mod config;
-pub mod dataset;
 pub mod engine;
 pub mod example;
 pub mod failure;

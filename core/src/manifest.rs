@@ -11,11 +11,30 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::TensorInfo;
-use crate::config::ModelOverrides;
 use crate::inference::{BlendMode, Slab, SlidingWindow};
 use crate::preprocess::{Normalization, PreprocessSpec};
 
 pub const MANIFEST_FORMAT: u32 = 1;
+
+/// Manifest fields a user can give or override, as flags or in the
+/// settings' `model` section ([`crate::config::Settings::model`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelOverrides {
+    pub roi: Option<[usize; 3]>,
+    pub overlap: Option<f64>,
+    pub blend: Option<BlendMode>,
+    pub sigma_scale: Option<f64>,
+    /// Switches to 2.5D slab inference with this many slices.
+    pub slab_depth: Option<usize>,
+    /// Intensity window `[lo, hi]`, clipped and scaled to [0, 1].
+    pub window: Option<[f64; 2]>,
+    /// z-score normalisation instead of a window.
+    pub zscore: Option<bool>,
+    pub spacing: Option<[f64; 3]>,
+    pub input_channels: Option<usize>,
+    pub labels: Option<Vec<String>>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {

@@ -1,5 +1,6 @@
 pub mod assemble;
 pub mod checkpoint;
+pub mod data;
 pub mod degrade;
 pub mod export;
 pub mod import;

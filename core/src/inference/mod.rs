@@ -3,8 +3,14 @@
 //! Both window schemes cut the image into model-sized pieces, run them in
 //! batches through a [`Model`](crate::backend::Model) and blend the
 //! predictions back into one `[K, X, Y, Z]` array of per-class scores;
-//! [`postprocess`] turns those scores into labels.
+//! [`postprocess`] turns those scores into labels. What the two schemes
+//! share lives beside them: window placement (`grid.rs`), blending
+//! (`blend.rs`), batching (`batch.rs`) and the model checks (`check.rs`).
 
+pub(crate) mod batch;
+pub(crate) mod blend;
+pub(crate) mod check;
+pub(crate) mod grid;
 pub mod postprocess;
 pub mod slab;
 pub mod sliding_window;

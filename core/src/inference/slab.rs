@@ -12,10 +12,10 @@ use ndarray::{Array4, ArrayView4};
 use serde::{Deserialize, Serialize};
 
 use super::InferenceError;
-use super::sliding_window::{
-    Accumulator, BatchPlan, BlendMode, Span, axis_origins, check_output_info, classes_accumulator,
-    clip, fmt_dims, image_dims, importance_nd, output_classes, run_batches, validate_blend,
-};
+use super::batch::{BatchPlan, run_batches};
+use super::blend::{Accumulator, BlendMode, classes_accumulator, importance_nd, validate_blend};
+use super::check::{check_output_info, fmt_dims, image_dims, output_classes};
+use super::grid::{Span, axis_origins, clip};
 use crate::backend::{Model, TensorInfo};
 
 /// Settings of a 2.5D slab run.
@@ -296,8 +296,8 @@ fn extract_slab(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inference::SlidingWindow;
     use crate::inference::test_util::{FnModel, info};
-    use crate::inference::{SlidingWindow, sliding_window};
     use ndarray::Array;
 
     /// Image whose voxel value is `100 * c + z`, so a sum of slab values
@@ -541,7 +541,7 @@ mod tests {
         // The 2D importance map is the 3D one with a unit axis.
         assert_eq!(
             importance_nd(&[8, 20], BlendMode::Gaussian, 0.125),
-            sliding_window::importance_nd(&[8, 20, 1], BlendMode::Gaussian, 0.125)
+            crate::inference::blend::importance_nd(&[8, 20, 1], BlendMode::Gaussian, 0.125)
         );
     }
 

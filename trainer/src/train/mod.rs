@@ -17,7 +17,6 @@ use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
-use infl8_core::dataset::{Case, Dataset, open_dataset, split};
 use infl8_core::nifti_io::{self, ReadLimits};
 use infl8_core::segment::Segmenter;
 use serde::{Deserialize, Serialize};
@@ -25,6 +24,7 @@ use tracing::info;
 
 use crate::assemble::{BuildOptions, build};
 use crate::checkpoint;
+use crate::data::{Case, Dataset, open_dataset, split};
 use crate::export::{RuntimeSpec, manifest_for};
 use crate::import::{ImportOptions, load_vit2d_with};
 use crate::inflate::Init;
@@ -39,7 +39,7 @@ pub enum TrainError {
     #[error("{0}")]
     Config(#[from] config::ConfigError),
     #[error("{0}")]
-    Dataset(#[from] infl8_core::dataset::DatasetError),
+    Dataset(#[from] crate::data::DatasetError),
     #[error("{0}")]
     Import(#[from] crate::import::ImportError),
     #[error("{0}")]

@@ -24,9 +24,13 @@ use ndarray::{Array3, Axis};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::nifti_io::{NiftiIoError, NonFinite, ReadLimits, read_volume};
-use crate::preprocess::{Inverse, PreprocessError, PreprocessSpec, preprocess, preprocess_labels};
-use crate::volume::Volume;
+use infl8_core::nifti_io::{
+    NiftiIoError, NonFinite, PairRole, ReadLimits, pair_part, read_volume, strip_nifti_extension,
+};
+use infl8_core::preprocess::{
+    Inverse, PreprocessError, PreprocessSpec, preprocess, preprocess_labels,
+};
+use infl8_core::volume::Volume;
 
 /// The MSD manifest's file name.
 pub const MSD_MANIFEST: &str = "dataset.json";
@@ -295,7 +299,8 @@ impl Dataset for MsdDataset {
 }
 
 /// A folder of `<id>_image.nii.gz` / `<id>_label.nii.gz` pairs (`.nii` too;
-/// suffixes are case-sensitive, hidden files are ignored). Label names come
+/// suffixes match in any case, hidden files are ignored: the rule of
+/// [`infl8_core::nifti_io::naming`]). Label names come
 /// from `labels.json` (a JSON array, index = label value) when present,
 /// else [`DEFAULT_LABELS`]. Cases are sorted by id.
 #[derive(Clone, Debug)]
@@ -306,19 +311,6 @@ pub struct PairsDataset {
     labels_file: Option<PathBuf>,
     cases: Vec<Case>,
 }
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Image,
-    Label,
-}
-
-const PAIR_SUFFIXES: [(&str, Role); 4] = [
-    ("_image.nii.gz", Role::Image),
-    ("_image.nii", Role::Image),
-    ("_label.nii.gz", Role::Label),
-    ("_label.nii", Role::Label),
-];
 
 impl PairsDataset {
     pub fn open(dir: &Path) -> Result<Self, DatasetError> {
@@ -334,11 +326,7 @@ impl PairsDataset {
             let entry = entry.map_err(io_err(&root, "list"))?;
             let file_name = entry.file_name();
             let lossy = file_name.to_string_lossy();
-            if lossy.starts_with('.') {
-                continue;
-            }
-            let Some(&(suffix, role)) = PAIR_SUFFIXES.iter().find(|(s, _)| lossy.ends_with(s))
-            else {
+            let Some((id_len, role)) = pair_part(&lossy).map(|(id, role)| (id.len(), role)) else {
                 continue;
             };
             let path = root.join(&file_name);
@@ -348,7 +336,7 @@ impl PairsDataset {
                     detail: "the file name is not valid UTF-8, so it cannot be a case id".into(),
                 });
             };
-            let id = &file_name[..file_name.len() - suffix.len()];
+            let (id, suffix) = file_name.split_at(id_len);
             if id.is_empty() {
                 return Err(DatasetError::Invalid {
                     path,
@@ -356,7 +344,10 @@ impl PairsDataset {
                 });
             }
             check_inside(&root, &path)?;
-            let slot = &mut found.entry(id.to_string()).or_default()[role as usize];
+            let slot = &mut found.entry(id.to_string()).or_default()[match role {
+                PairRole::Image => 0,
+                PairRole::Label => 1,
+            }];
             if let Some(other) = slot {
                 return Err(DatasetError::Invalid {
                     path,
@@ -504,12 +495,12 @@ pub fn split(cases: &[Case], validation_fraction: f64, seed: u64) -> (Vec<Case>,
     (training, validation)
 }
 
-/// [`crate::rng::splitmix64`]: splits reproducible on every platform.
+/// [`infl8_core::rng::splitmix64`]: splits reproducible on every platform.
 struct SplitMix64(u64);
 
 impl SplitMix64 {
     fn next(&mut self) -> u64 {
-        crate::rng::splitmix64(&mut self.0)
+        infl8_core::rng::splitmix64(&mut self.0)
     }
 
     /// Uniform in `0..n` by multiply-shift (Lemire): no modulo bias worth
@@ -817,9 +808,7 @@ fn check_inside(root: &Path, path: &Path) -> Result<(), DatasetError> {
 /// The file name without `.nii.gz` / `.nii`; `None` for other names.
 fn nifti_stem(path: &Path) -> Option<String> {
     let name = path.file_name()?.to_str()?;
-    let stem = name
-        .strip_suffix(".nii.gz")
-        .or_else(|| name.strip_suffix(".nii"))?;
+    let stem = strip_nifti_extension(name)?;
     (!stem.is_empty()).then(|| stem.to_string())
 }
 
@@ -846,8 +835,8 @@ fn json_err(path: &Path, source: serde_json::Error) -> DatasetError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nifti_io::{DataType, write_volume};
-    use crate::preprocess::Normalization;
+    use infl8_core::nifti_io::{DataType, write_volume};
+    use infl8_core::preprocess::Normalization;
     use ndarray::Array4;
 
     /// Voxel axes stored (L, S, P): a permutation plus flips, so loading

@@ -1,0 +1,108 @@
+//! Intensity normalisation of one channel (window, z-score, percentiles).
+//! It has no inverse: outputs are labels or logits, never intensities.
+
+use rayon::prelude::*;
+
+use super::*;
+
+const CHUNK: usize = 1 << 16;
+
+/// Normalise one channel in place. The spec has been validated.
+pub fn normalize(values: &mut [f32], norm: &Normalization) {
+    match *norm {
+        Normalization::None => {}
+        Normalization::Window { lo, hi } => window(values, lo, hi),
+        Normalization::Zscore { nonzero } => zscore(values, nonzero),
+        Normalization::Percentile { lo, hi } => {
+            let (plo, phi) = percentiles(values, lo, hi);
+            if phi > plo {
+                window(values, plo, phi);
+            } else {
+                // A constant channel: every value sits at the window's floor.
+                tracing::warn!(
+                    lo,
+                    hi,
+                    value = plo,
+                    "percentile window is empty (constant channel); output is 0"
+                );
+                values.par_iter_mut().for_each(|v| *v = 0.0);
+            }
+        }
+    }
+}
+
+fn window(values: &mut [f32], lo: f64, hi: f64) {
+    let scale = 1.0 / (hi - lo);
+    values.par_chunks_mut(CHUNK).for_each(|c| {
+        for v in c {
+            *v = ((f64::from(*v).clamp(lo, hi) - lo) * scale) as f32;
+        }
+    });
+}
+
+fn zscore(values: &mut [f32], nonzero: bool) {
+    let keep = |v: f32| !nonzero || v != 0.0;
+    // Two passes in f64 (mean, then squared deviations): one pass with
+    // sum of squares loses everything on CT-sized offsets.
+    let (sum, count) = values
+        .par_chunks(CHUNK)
+        .map(|c| {
+            c.iter()
+                .filter(|v| keep(**v))
+                .fold((0.0f64, 0u64), |(s, n), v| (s + f64::from(*v), n + 1))
+        })
+        .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    if count == 0 {
+        return;
+    }
+    let mean = sum / count as f64;
+    let ss: f64 = values
+        .par_chunks(CHUNK)
+        .map(|c| {
+            c.iter()
+                .filter(|v| keep(**v))
+                .map(|v| (f64::from(*v) - mean).powi(2))
+                .sum::<f64>()
+        })
+        .sum();
+    let std = (ss / count as f64).sqrt();
+    let inv = if std > 0.0 { 1.0 / std } else { 1.0 };
+    values.par_chunks_mut(CHUNK).for_each(|c| {
+        for v in c.iter_mut().filter(|v| keep(**v)) {
+            *v = ((f64::from(*v) - mean) * inv) as f32;
+        }
+    });
+}
+
+/// The `lo` and `hi` percentiles (linear interpolation between order
+/// statistics, numpy's default). Uses one scratch copy and two O(n)
+/// selections instead of a sort.
+pub(super) fn percentiles(values: &[f32], lo: f64, hi: f64) -> (f64, f64) {
+    let mut scratch = values.to_vec();
+    let n = scratch.len();
+    let rank = |p: f64| p / 100.0 * (n - 1) as f64;
+    let (rlo, rhi) = (rank(lo), rank(hi));
+    let klo = (rlo.floor() as usize).min(n - 1);
+    let khi = (rhi.floor() as usize).min(n - 1).max(klo);
+    let (_, vlo, upper) = scratch.select_nth_unstable_by(klo, f32::total_cmp);
+    let vlo = *vlo;
+    // Everything above klo is now in `upper`, unordered.
+    let next_lo = upper.iter().copied().min_by(f32::total_cmp).unwrap_or(vlo);
+    let (vhi, next_hi) = if khi == klo {
+        (vlo, next_lo)
+    } else {
+        let (_, vhi, upper) = upper.select_nth_unstable_by(khi - klo - 1, f32::total_cmp);
+        let vhi = *vhi;
+        (
+            vhi,
+            upper.iter().copied().min_by(f32::total_cmp).unwrap_or(vhi),
+        )
+    };
+    let interp = |v: f32, next: f32, r: f64, k: usize| {
+        f64::from(v) + (f64::from(next) - f64::from(v)) * (r - k as f64)
+    };
+    (
+        interp(vlo, next_lo, rlo, klo),
+        interp(vhi, next_hi, rhi, khi),
+    )
+}
