@@ -3,18 +3,13 @@
 //! what only tract does. The same model crosses the ABI in the workspace's
 //! `tests/plugin_host.rs`.
 
-use infl8_backend::{Dim, LoadOptions};
+use infl8_backend::Dim;
 use infl8_backend_suite as suite;
 use infl8_onnx::builder::{Dim as OnnxDim, GraphBuilder};
 use infl8_onnx::examples::{conv3d_input as input, conv3d_reference as reference};
 use infl8_tract::TractBackend;
 
-fn opts(threads: usize) -> LoadOptions {
-    LoadOptions {
-        threads,
-        ..Default::default()
-    }
-}
+use suite::threads_only as opts;
 
 #[test]
 fn runs_batches_with_any_thread_count() {

@@ -14,6 +14,15 @@ use infl8_onnx::examples::{conv3d_input as input, conv3d_model, conv3d_reference
 /// The backend's load options for a thread count.
 pub type Options<'a> = &'a dyn Fn(usize) -> LoadOptions;
 
+/// Load options with only a thread count: what a backend without options
+/// of its own passes as [`Options`].
+pub fn threads_only(threads: usize) -> LoadOptions {
+    LoadOptions {
+        threads,
+        ..Default::default()
+    }
+}
+
 /// Writes the Conv3d fixture with `batch` as its batch dimension into `dir`.
 pub fn fixture(dir: &Path, batch: OnnxDim) -> PathBuf {
     let path = dir.join("conv3d.onnx");

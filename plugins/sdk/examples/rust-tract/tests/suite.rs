@@ -2,16 +2,10 @@
 //! this example in process: what a vendor's backend should pass too before
 //! `infl8 plugin check` tries it through the C ABI.
 
-use infl8_backend::LoadOptions;
 use infl8_backend_suite as suite;
 use infl8_example_rust::ExampleBackend;
 
-fn opts(threads: usize) -> LoadOptions {
-    LoadOptions {
-        threads,
-        ..Default::default()
-    }
-}
+use suite::threads_only as opts;
 
 #[test]
 fn runs_batches_with_any_thread_count() {
