@@ -258,7 +258,7 @@ impl Manifest {
             self.preprocess.target_spacing = Some(sp);
         }
         if let Some([lo, hi]) = o.window {
-            self.preprocess.normalization = Normalization::Window { lo, hi };
+            self.preprocess.normalization = Normalization::IntensityWindow { lo, hi };
         }
         if o.zscore == Some(true) {
             self.preprocess.normalization = Normalization::Zscore { nonzero: false };

@@ -314,7 +314,7 @@ fn export_cmd(a: ExportArgs, device: &Device) -> Result<()> {
     let recorded = checkpoint::read_manifest(&a.checkpoint)?;
     let base = recorded.as_ref();
     let normalization = match (&a.window, a.zscore, &a.percentile) {
-        (Some(w), _, _) => Normalization::Window { lo: w[0], hi: w[1] },
+        (Some(w), _, _) => Normalization::IntensityWindow { lo: w[0], hi: w[1] },
         (_, true, _) => Normalization::Zscore { nonzero: true },
         (_, _, Some(p)) => Normalization::Percentile { lo: p[0], hi: p[1] },
         _ => base

@@ -11,12 +11,12 @@ const CHUNK: usize = 1 << 16;
 pub fn normalize(values: &mut [f32], norm: &Normalization) {
     match *norm {
         Normalization::None => {}
-        Normalization::Window { lo, hi } => window(values, lo, hi),
+        Normalization::IntensityWindow { lo, hi } => intensity_window(values, lo, hi),
         Normalization::Zscore { nonzero } => zscore(values, nonzero),
         Normalization::Percentile { lo, hi } => {
             let (plo, phi) = percentiles(values, lo, hi);
             if phi > plo {
-                window(values, plo, phi);
+                intensity_window(values, plo, phi);
             } else {
                 // A constant channel: every value sits at the window's floor.
                 tracing::warn!(
@@ -31,7 +31,7 @@ pub fn normalize(values: &mut [f32], norm: &Normalization) {
     }
 }
 
-fn window(values: &mut [f32], lo: f64, hi: f64) {
+fn intensity_window(values: &mut [f32], lo: f64, hi: f64) {
     let scale = 1.0 / (hi - lo);
     values.par_chunks_mut(CHUNK).for_each(|c| {
         for v in c {

@@ -51,8 +51,11 @@ pub enum PreprocessError {
 pub enum Normalization {
     #[default]
     None,
-    /// Clip to `[lo, hi]` and scale to `[0, 1]` (CT windows).
-    Window { lo: f64, hi: f64 },
+    /// Clip to `[lo, hi]` and scale to `[0, 1]` (a CT window). `"window"`
+    /// in manifests and settings, as MONAI and radiologists say; in code the
+    /// word is kept for the sliding window.
+    #[serde(rename = "window")]
+    IntensityWindow { lo: f64, hi: f64 },
     /// `(v - mean) / std` with the population std. With `nonzero`, the
     /// statistics come from the nonzero voxels and only those are changed
     /// (MONAI `NormalizeIntensity(nonzero=True)`). A zero std only
@@ -205,7 +208,7 @@ fn check_volume(vol: &Volume) -> Result<(), PreprocessError> {
 
 fn check_spec(spec: &PreprocessSpec) -> Result<(), PreprocessError> {
     match spec.normalization {
-        Normalization::Window { lo, hi } => {
+        Normalization::IntensityWindow { lo, hi } => {
             if !(lo.is_finite() && hi.is_finite() && hi > lo) {
                 return Err(PreprocessError::Spec(format!(
                     "window [{lo}, {hi}] needs finite bounds with hi > lo"

@@ -404,7 +404,7 @@ fn window_values_hand_checked() {
     let mut v = [-1100.0, -1000.0, 0.0, 200.0, 400.0, 3000.0];
     normalize(
         &mut v,
-        &Normalization::Window {
+        &Normalization::IntensityWindow {
             lo: -1000.0,
             hi: 400.0,
         },
@@ -463,8 +463,8 @@ fn percentiles_match_numpy() {
 fn spec_validation_and_serde() {
     let vol = Volume::new(coded([2, 2, 2], 1), Matrix4::identity());
     for bad in [
-        Normalization::Window { lo: 1.0, hi: 1.0 },
-        Normalization::Window { lo: 2.0, hi: 1.0 },
+        Normalization::IntensityWindow { lo: 1.0, hi: 1.0 },
+        Normalization::IntensityWindow { lo: 2.0, hi: 1.0 },
         Normalization::Percentile { lo: 50.0, hi: 10.0 },
         Normalization::Percentile { lo: -1.0, hi: 10.0 },
     ] {
@@ -491,7 +491,7 @@ fn spec_validation_and_serde() {
     assert!(spec.reorient);
     assert_eq!(
         spec.normalization,
-        Normalization::Window {
+        Normalization::IntensityWindow {
             lo: -100.0,
             hi: 240.0
         }
