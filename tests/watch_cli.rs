@@ -231,6 +231,47 @@ fn a_hanging_and_an_aborting_plugin_fail_their_inputs_and_the_service_goes_on() 
     }
 }
 
+/// SIGTERM is honoured within `watch.stop_grace_s` (2 s by default) even
+/// while a plugin hangs in a volume: the worker is killed, the input stays
+/// in the inbox for the next start, journalled as deferred, not failed.
+#[test]
+fn sigterm_stops_the_service_within_its_grace_even_during_a_hung_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (inbox, outbox) = (root.join("in"), root.join("out"));
+    fs::create_dir_all(&inbox).unwrap();
+    let model = example_model(root, 16);
+    let config = plugin_profile(root, "infl8test_crashing", "crash-hang", "timeout_s = 600");
+    let mut w = Watch::start(
+        root,
+        "stop",
+        &[
+            "--inbox",
+            s(&inbox),
+            "--outbox",
+            s(&outbox),
+            "--model",
+            s(&model),
+            "--config",
+            s(&config),
+        ],
+    );
+    deliver(&inbox, "a.nii.gz", &small_volumes(1)[0]);
+    w.wait_for(Duration::from_secs(60), "the volume to be taken", || {
+        !journal_events(&outbox, "taken").is_empty()
+    });
+    // Into the hang.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let st = w.terminate(Duration::from_secs(20));
+    let took = t.elapsed();
+    assert!(st.success(), "{st}\n{}", w.log());
+    assert!(took < Duration::from_secs(6), "stopped after {took:?}");
+    assert_eq!(dir_names(&inbox), ["a.nii.gz"], "left for the next start");
+    assert_eq!(journal_events(&outbox, "deferred"), ["a.nii.gz"]);
+    assert!(dir_names(&outbox.join("failed")).is_empty());
+}
+
 #[test]
 fn a_model_that_cannot_load_stops_the_service_at_start_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

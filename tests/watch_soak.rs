@@ -794,7 +794,7 @@ fn watch_survives_kills_poison_and_slow_writers() {
                 std::thread::sleep(Duration::from_millis(2));
             }
             let busy = soak.current_volume();
-            let status = soak.svc.terminate(Duration::from_secs(60));
+            let status = soak.svc.terminate(Duration::from_secs(10));
             if !status.success() {
                 soak.fail(format!("SIGTERM: infl8 watch exited with {status}"));
             }
@@ -805,10 +805,20 @@ fn watch_survives_kills_poison_and_slow_writers() {
                     "after SIGTERM, volumes were left unfinished: {open:?}"
                 ));
             }
+            // Finished within watch.stop_grace_s, or (a hanging one)
+            // left for the next start, journalled as deferred.
+            let deferred = |name: &str| {
+                records
+                    .iter()
+                    .any(|r| r["event"] == "deferred" && r["name"] == name)
+            };
             if let Some(name) = &busy
                 && !outcomes(&records).contains_key(name)
+                && !deferred(name)
             {
-                soak.fail(format!("SIGTERM during {name}: it was not finished"));
+                soak.fail(format!(
+                    "SIGTERM during {name}: it was neither finished nor left deferred"
+                ));
             }
             terminated_on = busy;
         } else {

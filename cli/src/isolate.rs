@@ -32,6 +32,9 @@ pub(crate) struct WorkerCommand {
     pub args: Vec<OsString>,
     /// `limits.timeout_s`, counted from the worker's `loaded` line.
     pub timeout: Option<Duration>,
+    /// Once the parent is asked to stop, how long the worker may still
+    /// take before it is killed (`None`: as long as it needs).
+    pub stop_grace: Option<Duration>,
 }
 
 /// Which backend a worker loaded the model on, as it said.
@@ -61,6 +64,9 @@ pub(crate) enum Ended {
     Exited(ExitStatus),
     /// Killed by the parent this long after loading the model.
     TimedOut(Duration),
+    /// Killed by the parent: asked to stop, it did not finish within its
+    /// grace.
+    Stopped,
 }
 
 impl WorkerEnd {
@@ -68,7 +74,7 @@ impl WorkerEnd {
     pub(crate) fn signal(&self) -> Option<i32> {
         match &self.how {
             Ended::Exited(s) => s.signal(),
-            Ended::TimedOut(_) => None,
+            Ended::TimedOut(_) | Ended::Stopped => None,
         }
     }
 
@@ -96,7 +102,7 @@ impl WorkerEnd {
     pub(crate) fn timeout_reason(&self, input: &std::path::Path, timeout_s: f64) -> String {
         let after = match self.how {
             Ended::TimedOut(d) => d.as_secs_f64(),
-            Ended::Exited(_) => timeout_s,
+            Ended::Exited(_) | Ended::Stopped => timeout_s,
         };
         let backend = self
             .loaded
@@ -112,11 +118,11 @@ impl WorkerEnd {
 }
 
 impl WorkerCommand {
-    /// Runs one job (`flag JSON` appended to the arguments) to its end: the
-    /// worker finishes its volume even when the parent is asked to stop.
-    /// Errors are the parent's own (the worker could not be started or
-    /// waited for).
-    pub(crate) fn run(&self, flag: &str, job: &str) -> Result<WorkerEnd> {
+    /// Runs one job (`flag JSON` appended to the arguments) to its end.
+    /// Once `stop` says so, the worker gets `stop_grace` to finish, then it
+    /// is killed ([`Ended::Stopped`]). Errors are the parent's own (the
+    /// worker could not be started or waited for).
+    pub(crate) fn run(&self, flag: &str, job: &str, stop: &dyn Fn() -> bool) -> Result<WorkerEnd> {
         let mut cmd = Command::new(&self.exe);
         cmd.args(&self.args)
             .arg(flag)
@@ -185,6 +191,7 @@ impl WorkerCommand {
                 end.error = Some(v);
             }
         };
+        let mut stop_at: Option<Instant> = None;
         let status = loop {
             while let Ok(line) = rx.try_recv() {
                 take(line, &mut end);
@@ -198,12 +205,26 @@ impl WorkerCommand {
             {
                 // The whole group: a helper process the plugin started
                 // would otherwise keep the pipe open and the parent waiting.
-                // SAFETY: a plain syscall on the worker's own group.
+                // SAFETY: a plain syscall on the worker's own group (its
+                // pid is its group's id: `process_group(0)`).
                 unsafe { libc::kill(-(end.pid as libc::pid_t), libc::SIGKILL) };
                 let _ = child.kill();
                 child.wait().context("cannot wait for the worker")?;
                 end.how = Ended::TimedOut(elapsed);
                 break ExitStatus::from_raw(libc::SIGKILL);
+            }
+            if let Some(grace) = self.stop_grace
+                && stop()
+            {
+                let since = *stop_at.get_or_insert_with(Instant::now);
+                if since.elapsed() >= grace {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(-(end.pid as libc::pid_t), libc::SIGKILL) };
+                    let _ = child.kill();
+                    child.wait().context("cannot wait for the worker")?;
+                    end.how = Ended::Stopped;
+                    break ExitStatus::from_raw(libc::SIGKILL);
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -261,8 +282,9 @@ mod tests {
             exe: "sh".into(),
             args: vec!["-c".into(), script.into()],
             timeout,
+            stop_grace: None,
         }
-        .run("--job", "{}")
+        .run("--job", "{}", &|| false)
         .unwrap()
     }
 
@@ -306,6 +328,24 @@ mod tests {
             r.contains("limits.timeout_s") && r.contains("in.nii"),
             "{r}"
         );
+    }
+
+    #[test]
+    fn asked_to_stop_a_worker_gets_its_grace_then_is_killed() {
+        let t = Instant::now();
+        let e = WorkerCommand {
+            exe: "sh".into(),
+            args: vec![
+                "-c".into(),
+                r#"echo '{"loaded":true,"backend":"x"}'; sleep 30"#.into(),
+            ],
+            timeout: None,
+            stop_grace: Some(Duration::from_millis(300)),
+        }
+        .run("--job", "{}", &|| t.elapsed() > Duration::from_millis(200))
+        .unwrap();
+        assert!(matches!(e.how, Ended::Stopped), "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     }
 
     #[test]

@@ -213,6 +213,9 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
             exe: std::env::current_exe().context("cannot find the infl8 executable")?,
             args: std::env::args_os().skip(1).collect(),
             timeout: settings.limits.timeout(),
+            // Ctrl-C ends this process, and the worker with it
+            // (PR_SET_PDEATHSIG): nothing to wait for.
+            stop_grace: None,
         };
         let timeout_s = settings.limits.timeout_s;
         Box::new(move |i, job| in_worker(&worker, timeout_s, job, &label(i, job)))
@@ -370,8 +373,10 @@ fn in_worker(
 ) -> Result<Done, Failure> {
     let spec = serde_json::to_string(&json!({"job": job, "label": label}))
         .map_err(|e| Failure::Run(e.into()))?;
-    let end = worker.run("--worker-job", &spec).map_err(Failure::Run)?;
-    let killed = matches!(end.how, Ended::TimedOut(_)) || end.signal().is_some();
+    let end = worker
+        .run("--worker-job", &spec, &|| false)
+        .map_err(Failure::Run)?;
+    let killed = !matches!(end.how, Ended::Exited(_)) || end.signal().is_some();
     if killed {
         // A write cut short leaves its temporary file: not ours to keep.
         for target in [Some(&job.output), job.logits.as_ref(), job.preview.as_ref()]

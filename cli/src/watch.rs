@@ -166,6 +166,7 @@ pub fn run(a: WatchArgs) -> Result<ExitCode> {
             exe: std::env::current_exe().context("cannot find the infl8 executable")?,
             args: std::env::args_os().skip(1).collect(),
             timeout: settings.limits.timeout(),
+            stop_grace: Some(Duration::from_secs_f64(settings.watch.stop_grace_s)),
         },
         timeout_s: settings.limits.timeout_s,
     };

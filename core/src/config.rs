@@ -102,6 +102,9 @@ pub struct WatchSettings {
     /// crash, `kill -9`, power loss) before the input counts as poison and
     /// goes to `failed/`.
     pub max_attempts: u32,
+    /// On SIGTERM, how long the volume in progress may still take to finish
+    /// before its worker is killed and the input left for the next start.
+    pub stop_grace_s: f64,
 }
 
 impl Default for WatchSettings {
@@ -111,6 +114,7 @@ impl Default for WatchSettings {
             poll_ms: 500,
             move_inputs: true,
             max_attempts: 3,
+            stop_grace_s: 2.0,
         }
     }
 }
@@ -530,6 +534,12 @@ impl Settings {
             ));
         }
         let w = &self.watch;
+        if !(w.stop_grace_s.is_finite() && w.stop_grace_s >= 0.0) {
+            return Err(format!(
+                "watch.stop_grace_s: {} must be finite and >= 0",
+                w.stop_grace_s
+            ));
+        }
         if !(w.stable_secs.is_finite() && w.stable_secs >= 0.0) {
             return Err(format!(
                 "watch.stable_secs: {} must be finite and >= 0",

@@ -767,7 +767,10 @@ impl<R: Runner> Service<R> {
                 return Ok(Processed::Deferred);
             }
             RunResult::Interrupted => {
+                // Journalled as deferred: a stop is not the input's fault,
+                // and must not count towards watch.max_attempts.
                 info!(input = %c.name, "stopping: the volume is left for the next start");
+                self.defer(&key, "the service stopped before the volume was finished");
             }
             RunResult::Service(reason) => bail!("{reason}"),
         }

@@ -121,6 +121,7 @@ fn service_with(
             poll_ms: 1,
             move_inputs,
             max_attempts: 3,
+            stop_grace_s: 2.0,
         },
         model: "m.onnx".into(),
         model_sha256: "00".into(),

@@ -138,11 +138,14 @@ impl Runner for ChildRunner {
             Err(e) => return RunResult::Service(e.to_string()),
         };
         let started = Instant::now();
-        let end = match self.worker.run("--worker-job", &job_json) {
+        let end = match self.worker.run("--worker-job", &job_json, stopping) {
             Ok(end) => end,
             Err(e) => return RunResult::Service(format!("{e:#}")),
         };
         tracing::debug!(wall_s = started.elapsed().as_secs_f64(), "worker finished");
+        if let Ended::Stopped = end.how {
+            return RunResult::Interrupted;
+        }
         if let Ended::TimedOut(_) = end.how {
             return RunResult::Failed {
                 kind: "timeout",
@@ -166,7 +169,7 @@ impl Runner for ChildRunner {
         let reason = match (end.error_message(), &end.how) {
             (Some(m), _) => m.to_owned(),
             (None, Ended::Exited(status)) => format!("the worker exited with {status}"),
-            (None, Ended::TimedOut(_)) => "the worker was killed".to_owned(),
+            (None, Ended::TimedOut(_) | Ended::Stopped) => "the worker was killed".to_owned(),
         };
         if end
             .error
