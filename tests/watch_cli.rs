@@ -106,6 +106,28 @@ impl Watch {
         }
     }
 
+    /// `infl8 watch --inbox --outbox --model --config` (a profile).
+    fn with_profile(
+        root: &Path,
+        tag: &str,
+        inbox: &Path,
+        outbox: &Path,
+        model: &Path,
+        config: &Path,
+    ) -> Watch {
+        let args = [
+            "--inbox",
+            s(inbox),
+            "--outbox",
+            s(outbox),
+            "--model",
+            s(model),
+            "--config",
+            s(config),
+        ];
+        Watch::start(root, tag, &args)
+    }
+
     fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -197,20 +219,7 @@ fn a_hanging_and_an_aborting_plugin_fail_their_inputs_and_the_service_goes_on() 
         fs::create_dir_all(&inbox).unwrap();
         let model = example_model(root, 16);
         let config = plugin_profile(root, "infl8test_crashing", backend, "timeout_s = 1");
-        let mut w = Watch::start(
-            root,
-            backend,
-            &[
-                "--inbox",
-                s(&inbox),
-                "--outbox",
-                s(&outbox),
-                "--model",
-                s(&model),
-                "--config",
-                s(&config),
-            ],
-        );
+        let mut w = Watch::with_profile(root, backend, &inbox, &outbox, &model, &config);
         let vols = small_volumes(2);
         deliver(&inbox, "a.nii.gz", &vols[0]);
         deliver(&inbox, "b.nii.gz", &vols[1]);
@@ -242,20 +251,7 @@ fn sigterm_stops_the_service_within_its_grace_even_during_a_hung_volume() {
     fs::create_dir_all(&inbox).unwrap();
     let model = example_model(root, 16);
     let config = plugin_profile(root, "infl8test_crashing", "crash-hang", "timeout_s = 600");
-    let mut w = Watch::start(
-        root,
-        "stop",
-        &[
-            "--inbox",
-            s(&inbox),
-            "--outbox",
-            s(&outbox),
-            "--model",
-            s(&model),
-            "--config",
-            s(&config),
-        ],
-    );
+    let mut w = Watch::with_profile(root, "stop", &inbox, &outbox, &model, &config);
     deliver(&inbox, "a.nii.gz", &small_volumes(1)[0]);
     w.wait_for(Duration::from_secs(60), "the volume to be taken", || {
         !journal_events(&outbox, "taken").is_empty()
@@ -305,22 +301,7 @@ fn two_services_on_one_inbox_process_each_file_once() {
     let mut services: Vec<Watch> = outboxes
         .iter()
         .enumerate()
-        .map(|(i, o)| {
-            Watch::start(
-                root,
-                &format!("w{i}"),
-                &[
-                    "--inbox",
-                    s(&inbox),
-                    "--outbox",
-                    s(o),
-                    "--model",
-                    s(&model),
-                    "--config",
-                    s(&config),
-                ],
-            )
-        })
+        .map(|(i, o)| Watch::with_profile(root, &format!("w{i}"), &inbox, o, &model, &config))
         .collect();
     // Both must be watching before the files arrive.
     for (w, o) in services.iter_mut().zip(&outboxes) {
@@ -382,20 +363,7 @@ fn a_read_only_outbox_keeps_the_input_until_it_can_be_written() {
     };
     let model = example_model(root, 16);
     let config = plugin_profile(root, "infl8test_faulty", "faulty-marker", "");
-    let mut w = Watch::start(
-        root,
-        "ro",
-        &[
-            "--inbox",
-            s(&inbox),
-            "--outbox",
-            s(&outbox),
-            "--model",
-            s(&model),
-            "--config",
-            s(&config),
-        ],
-    );
+    let mut w = Watch::with_profile(root, "ro", &inbox, &outbox, &model, &config);
     let status = outbox.join(".infl8/status.json");
     w.wait_for(Duration::from_secs(60), "the service to start", || {
         status.is_file()
