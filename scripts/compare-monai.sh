@@ -15,8 +15,9 @@
 # .cache/venv-monai holds PyTorch from PyPI, whose Linux wheel brings the CUDA
 # libraries (about 4 GB; PyPI has no CPU-only torch). Only PyPI is contacted.
 #
-# usage: scripts/compare-monai.sh [--debug] [SCAN.nii.gz ...]
+# usage: scripts/compare-monai.sh [--debug] [--doc] [SCAN.nii.gz ...]
 #   --debug   use the debug build of infl8 (default: release)
+#   --doc     also write the comparisons to docs/monai-parity.md
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -28,11 +29,13 @@ pins=(monai==1.6.1 torch==2.15.0 numpy==2.4.6 nibabel==5.4.2 onnxruntime==1.24.4
 python=${PYTHON:-python3}
 
 profile=release
+doc=0
 scans=()
 for arg in "$@"; do
   case "$arg" in
     --debug) profile=debug ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --doc) doc=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     -*) echo "compare-monai: unknown option $arg (try --help)" >&2; exit 2 ;;
     *) scans+=("$arg") ;;
   esac
@@ -73,6 +76,7 @@ roi=(48 48 48)
 "$bin/infl8" example-model --out "$work/model.onnx" --roi "${roi[@]}" >&2
 
 failed=0
+results="$work/results.txt"
 for scan in "${scans[@]}"; do
   name=$(basename "$scan" .nii.gz)
   # The CT target (1.5 x 1.5 x 2 mm) and the example model's 2 mm.
@@ -81,16 +85,29 @@ for scan in "${scans[@]}"; do
     out="$work/$name-${p[0]}-${p[1]}-${p[2]}.nii.gz"
     "$bin/examples/resample" "$scan" "$out" "${p[@]}" >&2
     "$py" "$root/scripts/compare_monai.py" resample --scan "$scan" --infl8 "$out" \
-      --pixdim "${p[@]}" || failed=1
+      --pixdim "${p[@]}" | tee -a "$results" || failed=1
     labels="$work/$name-${p[0]}-${p[1]}-${p[2]}-labels.nii.gz"
     logits="$work/$name-${p[0]}-${p[1]}-${p[2]}-logits.nii.gz"
     "$bin/infl8" segment --model "$work/model.onnx" --input "$scan" --output "$labels" \
       --save-logits "$logits" --spacing "${p[@]}" --no-model-postprocess >&2
     "$py" "$root/scripts/compare_monai.py" pipeline --scan "$scan" --model "$work/model.onnx" \
       --logits "$logits" --labels "$labels" --pixdim "${p[@]}" --roi "${roi[@]}" \
-      --overlap 0.25 || failed=1
+      --overlap 0.25 | tee -a "$results" || failed=1
   done
 done
+if [ "$doc" = 1 ]; then
+  versions=$("$py" -c 'import monai, torch, onnxruntime; print(f"MONAI {monai.__version__}, torch {torch.__version__}, ONNX Runtime {onnxruntime.__version__}")')
+  {
+    echo "# MONAI parity on real scans"
+    echo
+    echo "Written by \`scripts/compare-monai.sh --doc\` on $(date -u +%Y-%m-%d) ($versions in the script's venv; infl8's $profile build, $(uname -m)). Each scan is resampled to 1.5x1.5x2 mm and to 2 mm: \`resample\` compares MONAI's \`Orientation(\"RAS\")\` + \`Spacing\` with infl8's preprocessing, \`pipeline\` the whole chain (the example model, a ${roi[0]}^3 roi, overlap 0.25) up to labels on the input grid (\`Invertd\`). Rerun the script to refresh this page."
+    echo
+    echo '\`\`\`'
+    sed "s#$root/##g; s#$work/##g" "$results"
+    echo '\`\`\`'
+  } > "$root/docs/monai-parity.md"
+  echo "compare-monai: wrote docs/monai-parity.md" >&2
+fi
 if [ "$failed" -ne 0 ]; then
   echo "compare-monai: infl8 and MONAI differ (see FAIL above)" >&2
   exit 1
