@@ -102,9 +102,9 @@ if [ "$doc" = 1 ]; then
     echo
     echo "Written by \`scripts/compare-monai.sh --doc\` on $(date -u +%Y-%m-%d) ($versions in the script's venv; infl8's $profile build, $(uname -m)). Each scan is resampled to 1.5x1.5x2 mm and to 2 mm: \`resample\` compares MONAI's \`Orientation(\"RAS\")\` + \`Spacing\` with infl8's preprocessing, \`pipeline\` the whole chain (the example model, a ${roi[0]}^3 roi, overlap 0.25) up to labels on the input grid (\`Invertd\`). Rerun the script to refresh this page."
     echo
-    echo '\`\`\`'
+    echo '```'
     sed "s#$root/##g; s#$work/##g" "$results"
-    echo '\`\`\`'
+    echo '```'
   } > "$root/docs/monai-parity.md"
   echo "compare-monai: wrote docs/monai-parity.md" >&2
 fi
