@@ -1,11 +1,13 @@
 //! `infl8 config check` on the shipped firmware profiles (every `*.toml` in
 //! `firmware-configs/`, so a new profile is checked without editing this
 //! file) and on broken settings files, whose errors must name the file and
-//! the key's whole path.
+//! the key's whole path. `backend_options` are judged by the plugins the
+//! binary finds (tract and ort beside it, the C reference plugin where a
+//! profile points to it), through their `options_check`.
 
 use std::path::{Path, PathBuf};
 
-use infl8_suite::{infl8, ok, repo_root, s};
+use infl8_suite::{c_reference_plugin, infl8, ok, repo_root, s};
 
 fn profiles() -> Vec<PathBuf> {
     let dir = repo_root().join("firmware-configs");
@@ -100,7 +102,7 @@ fn the_profiles_say_what_the_devices_need() {
     let check = |name: &str| ok(&infl8(&["config", "check", s(&dir.join(name))]));
     let nano = check("jetson-orin-nano.toml");
     assert!(
-        nano.contains("backends ort-tensorrt -> ort-cuda -> tract, precision fp16"),
+        nano.contains("backends ort-tensorrt -> ort-cuda -> tract-cuda -> tract, precision fp16"),
         "{nano}"
     );
     let pi = check("arm64-cpu.toml");
@@ -174,6 +176,124 @@ fn broken_files_fail_naming_the_file_and_the_key() {
         let all = failure(dir.path(), name, text);
         assert!(all.contains(key), "{name}: wanted `{key}` in:\n{all}");
     }
+}
+
+/// Runs `infl8 config check` on `text`, which must pass; its report.
+fn passing(dir: &Path, name: &str, text: &str) -> String {
+    let f = dir.join(name);
+    std::fs::write(&f, text).expect("write the settings file");
+    ok(&infl8(&["config", "check", s(&f)]))
+}
+
+#[test]
+fn plugins_judge_their_options_and_errors_name_the_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, want) in [
+        (
+            "[backend_options.ort-tensorrt]\ntrt_fp16 = \"maybe\"\n",
+            "backend_options.ort-tensorrt.trt_fp16: expected true or false",
+        ),
+        (
+            "[backend_options.ort]\ntrt_workspace_size = -1\n",
+            "backend_options.ort.trt_workspace_size: expected a non-negative integer",
+        ),
+        (
+            "[backend_options.ort]\ntrt_fp61 = true\n",
+            "backend_options.ort.trt_fp61: not an option of the ort plugin",
+        ),
+        (
+            "[backend_options.ort-cuda]\nprecision = \"fp8\"\n",
+            "backend_options.ort-cuda.precision: expected fp32, fp16 or int8",
+        ),
+        (
+            "[backend_options.tract]\nprecision = \"half\"\n",
+            "backend_options.tract.precision: expected fp32, fp16 or int8",
+        ),
+        (
+            "[backend_options.tract]\nthreads = 2\n",
+            "backend_options.tract.threads: not an option of the tract plugin",
+        ),
+    ] {
+        let all = failure(dir.path(), "p.toml", text);
+        assert!(all.contains(want), "{text:?}: wanted `{want}` in:\n{all}");
+    }
+}
+
+#[test]
+fn what_a_backend_cannot_honour_is_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = passing(
+        dir.path(),
+        "p.toml",
+        "backends = [\"ort-tensorrt\", \"ort-cuda\", \"tract\"]\nprecision = \"fp16\"\n\
+         threads = 6\nwindow_batch = 2\n[limits]\nmemory_budget_mb = 512\n\
+         [backend_options.ort-tensorrt]\ntrt_engine_cache_dir = \"/var/cache/trt\"\n",
+    );
+    assert!(
+        out.contains(
+            "backends ort-tensorrt -> ort-cuda -> tract, precision fp16, threads 6, \
+             window batch 2, memory budget 512 MiB"
+        ),
+        "{out}"
+    );
+    // The fallbacks cannot honour fp16, which is worth knowing; ort-cpu is
+    // not in the chain, so nothing is said about it.
+    assert!(
+        out.contains("note: precision: fp16 has no switch on ort-cuda"),
+        "{out}"
+    );
+    assert!(
+        out.contains("note: precision: fp16 has no switch in tract"),
+        "{out}"
+    );
+    assert!(!out.contains("ort-cpu"), "{out}");
+
+    let out = passing(
+        dir.path(),
+        "q.toml",
+        "[backend_options.ort-cpu]\ntrt_fp16 = true\n",
+    );
+    assert!(
+        out.contains("note: backend_options.ort-cpu.trt_fp16: ort-cpu does not read it"),
+        "{out}"
+    );
+    // An explicit trt key wins over the precision and passes.
+    passing(
+        dir.path(),
+        "r.toml",
+        "backend = \"ort-tensorrt\"\nprecision = \"fp16\"\n\
+         [backend_options.ort-tensorrt]\ntrt_fp16 = false\n",
+    );
+}
+
+#[test]
+fn tables_no_plugin_checks_pass_with_a_note_that_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = passing(
+        dir.path(),
+        "acme.toml",
+        "backend = \"acme-npu\"\n[backend_options.acme]\nanything = 1\n",
+    );
+    assert!(
+        out.contains("note: backend_options.acme: not checked: no plugin found here provides"),
+        "{out}"
+    );
+    // The C reference plugin has no options_check: found, but not asked.
+    let cref = c_reference_plugin();
+    let out = passing(
+        dir.path(),
+        "cref.toml",
+        &format!(
+            "backend = \"c-reference\"\nplugin_dirs = [{:?}]\n\
+             [backend_options.c-reference]\nanything = 1\n",
+            s(cref.parent().unwrap())
+        ),
+    );
+    assert!(
+        out.contains("note: backend c-reference: options not checked")
+            && out.contains("offers no options_check (ABI 1.2)"),
+        "{out}"
+    );
 }
 
 #[test]

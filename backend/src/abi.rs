@@ -1,4 +1,5 @@
-//! The infl8 plugin C ABI, version 1.1 (1.0 plus [`INFL8_UNAVAILABLE`]).
+//! The infl8 plugin C ABI, version 1.2 (1.0 plus [`INFL8_UNAVAILABLE`] in
+//! 1.1 and `Infl8PluginTable::options_check` in 1.2).
 //!
 //! Everything a plugin and the host exchange is declared here, as `#[repr(C)]`
 //! types, integer constants and `extern "C"` function-pointer types, so that a
@@ -90,8 +91,9 @@ use std::mem::{offset_of, size_of};
 /// Major version of this ABI: plugin and host majors must be equal.
 pub const INFL8_ABI_MAJOR: u32 = 1;
 /// Minor version of this ABI: a newer minor only appends (fields, status
-/// codes). 1.1 added [`INFL8_UNAVAILABLE`].
-pub const INFL8_ABI_MINOR: u32 = 1;
+/// codes). 1.1 added [`INFL8_UNAVAILABLE`], 1.2
+/// `Infl8PluginTable::options_check` ([`Infl8OptionsCheckFn`]).
+pub const INFL8_ABI_MINOR: u32 = 2;
 /// `(INFL8_ABI_MAJOR << 16) | INFL8_ABI_MINOR`.
 pub const INFL8_ABI_VERSION: u32 = (INFL8_ABI_MAJOR << 16) | INFL8_ABI_MINOR;
 
@@ -250,6 +252,24 @@ pub type Infl8ModelRunFn = unsafe extern "C" fn(
 /// Releases an output tensor by its `owner`. A null owner is a no-op.
 pub type Infl8TensorFreeFn = unsafe extern "C" fn(owner: *mut c_void) -> i32;
 
+/// (ABI 1.2) Checks the options a `model_load` of the backend at
+/// `backend_index` would take, without a model: `options_json` as for
+/// [`Infl8ModelLoadFn`]. Returns [`INFL8_OK`] when the backend reads every
+/// key of `extra` and every value is valid, [`INFL8_INVALID_ARGUMENT`] with
+/// a message that starts with the offending key (`key: problem`) otherwise,
+/// or [`INFL8_UNSUPPORTED`] when this backend does not check its options.
+/// Unlike `model_load`, which must ignore unknown keys, it reports them: it
+/// is how `infl8 config check` catches a misspelt option before a
+/// deployment. On [`INFL8_OK`] the plugin may write notes into `err`, one
+/// per line, each `key: note` (a key for another of its backends, a
+/// precision it accepts but has no switch for); the host shows them.
+pub type Infl8OptionsCheckFn = unsafe extern "C" fn(
+    backend_index: u32,
+    options_json: *const c_char,
+    err: *mut c_char,
+    err_cap: usize,
+) -> i32;
+
 /// Type of the exported [`INFL8_ENTRY_SYMBOL`]. Never changes.
 pub type Infl8PluginEntryFn = unsafe extern "C" fn(
     host_abi_version: u32,
@@ -316,6 +336,16 @@ pub struct Infl8PluginTable {
     >,
     /// Signature and contract: [`Infl8TensorFreeFn`].
     pub tensor_free: Option<unsafe extern "C" fn(owner: *mut c_void) -> i32>,
+    /// (ABI 1.2; read only when `struct_size` covers it, may be null.)
+    /// Signature and contract: [`Infl8OptionsCheckFn`].
+    pub options_check: Option<
+        unsafe extern "C" fn(
+            backend_index: u32,
+            options_json: *const c_char,
+            err: *mut c_char,
+            err_cap: usize,
+        ) -> i32,
+    >,
 }
 
 impl Infl8PluginTable {
@@ -481,8 +511,8 @@ mod tests {
 
     #[test]
     fn versions_encode_and_decode() {
-        assert_eq!(INFL8_ABI_VERSION, 0x0001_0001);
-        assert_eq!(abi_version(1, 1), INFL8_ABI_VERSION);
+        assert_eq!(INFL8_ABI_VERSION, 0x0001_0002);
+        assert_eq!(abi_version(1, 2), INFL8_ABI_VERSION);
         assert_eq!(abi_major(abi_version(99, 7)), 99);
         assert_eq!(abi_minor(abi_version(99, 7)), 7);
         assert_eq!(version_string(abi_version(2, 3)), "2.3");
@@ -497,6 +527,7 @@ mod tests {
             let _: Option<Infl8ModelIoFn> = t.model_io;
             let _: Option<Infl8ModelRunFn> = t.model_run;
             let _: Option<Infl8TensorFreeFn> = t.tensor_free;
+            let _: Option<Infl8OptionsCheckFn> = t.options_check;
             let _: Option<Infl8LogFn> = h.log;
         }
         let _ = fields;
@@ -519,8 +550,9 @@ mod tests {
         assert_eq!(Infl8HostApi::MIN_SIZE, 48);
         assert_eq!(offset_of!(Infl8HostApi, log), 24);
 
-        assert_eq!(size_of::<Infl8PluginTable>(), 80);
+        assert_eq!(size_of::<Infl8PluginTable>(), 88);
         assert_eq!(Infl8PluginTable::MIN_SIZE, 80);
+        assert_eq!(offset_of!(Infl8PluginTable, options_check), 80);
         assert_eq!(offset_of!(Infl8PluginTable, backend_count), 24);
         assert_eq!(offset_of!(Infl8PluginTable, backends), 32);
         assert_eq!(offset_of!(Infl8PluginTable, model_load), 40);

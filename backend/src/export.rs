@@ -178,6 +178,7 @@ impl Built {
             model_io: Some(model_io),
             model_run: Some(model_run),
             tensor_free: Some(tensor_free),
+            options_check: Some(options_check::<P>),
         };
         Built {
             backends,
@@ -360,26 +361,11 @@ unsafe extern "C" fn model_load<P: PluginExport>(
         }
         // SAFETY: non-null and writable by contract.
         unsafe { *out_model = ptr::null_mut() };
-        let built = P::state().built::<P>();
-        let backend = usize::try_from(backend_index)
-            .ok()
-            .and_then(|i| built.backends.get(i))
-            .ok_or_else(|| {
-                Failure::invalid(format!(
-                    "backend index {backend_index} out of range (plugin has {})",
-                    built.backends.len()
-                ))
-            })?;
+        let backend = backend_at::<P>(backend_index)?;
         // SAFETY: NUL-terminated by contract, borrowed for this call.
         let path = unsafe { utf8_arg(model_path, "model_path")? };
-        let opts = if options_json.is_null() {
-            LoadOptions::default()
-        } else {
-            // SAFETY: as above.
-            let json = unsafe { utf8_arg(options_json, "options_json")? };
-            serde_json::from_str::<LoadOptions>(json)
-                .map_err(|e| Failure::invalid(format!("options_json: {e}")))?
-        };
+        // SAFETY: as above.
+        let opts = unsafe { load_options(options_json)? };
         let model = backend.load(Path::new(path), &opts)?;
         let boxed = Box::new(ModelBox {
             input_name: to_cstring(&model.input().name),
@@ -393,6 +379,55 @@ unsafe extern "C" fn model_load<P: PluginExport>(
     let host_abi = P::state().host_abi.load(Ordering::Relaxed);
     let result = result.map_err(|f| for_host(f, host_abi));
     // SAFETY: `err`/`err_cap` come from the caller as the ABI requires.
+    unsafe { report(err, err_cap, result) }
+}
+
+/// The backend at `backend_index`, or an invalid-argument failure.
+fn backend_at<P: PluginExport>(backend_index: u32) -> Result<&'static dyn Backend, Failure> {
+    let built = P::state().built::<P>();
+    usize::try_from(backend_index)
+        .ok()
+        .and_then(|i| built.backends.get(i))
+        .map(|b| b.as_ref())
+        .ok_or_else(|| {
+            Failure::invalid(format!(
+                "backend index {backend_index} out of range (plugin has {})",
+                built.backends.len()
+            ))
+        })
+}
+
+/// The load options in `options_json`; defaults when it is null.
+unsafe fn load_options(options_json: *const c_char) -> Result<LoadOptions, Failure> {
+    if options_json.is_null() {
+        return Ok(LoadOptions::default());
+    }
+    // SAFETY: NUL-terminated by contract, borrowed for this call.
+    let json = unsafe { utf8_arg(options_json, "options_json")? };
+    serde_json::from_str::<LoadOptions>(json)
+        .map_err(|e| Failure::invalid(format!("options_json: {e}")))
+}
+
+unsafe extern "C" fn options_check<P: PluginExport>(
+    backend_index: u32,
+    options_json: *const c_char,
+    err: *mut c_char,
+    err_cap: usize,
+) -> i32 {
+    let mut notes = String::new();
+    let result = catch(|| {
+        let backend = backend_at::<P>(backend_index)?;
+        // SAFETY: `options_json` comes from the caller as the ABI requires.
+        let opts = unsafe { load_options(options_json)? };
+        notes = backend.check_options(&opts)?.join("\n");
+        Ok(())
+    });
+    if result.is_ok() {
+        // The notes go where a failure's message would, one per line.
+        // SAFETY: `err`/`err_cap` come from the caller as the ABI requires.
+        unsafe { write_message(err, err_cap, &notes) };
+    }
+    // SAFETY: as above.
     unsafe { report(err, err_cap, result) }
 }
 

@@ -22,7 +22,9 @@ mod model;
 mod precision;
 
 pub use error::{BackendError, ErrorKind};
-pub use model::{Backend, Dim, ForeignBuffer, LoadOptions, Model, Tensor, TensorInfo};
+pub use model::{
+    Backend, Dim, ForeignBuffer, LoadOptions, Model, PRECISION_KEY, Tensor, TensorInfo,
+};
 pub use precision::{ParsePrecisionError, Precision};
 
 use std::any::TypeId;

@@ -105,8 +105,9 @@ pub struct LoadOptions {
     pub precision: Precision,
 }
 
-/// Key of [`LoadOptions::extra`] that may carry the precision.
-const PRECISION_KEY: &str = "precision";
+/// The `extra` key of a backend's own precision (mirrored from the typed
+/// field by the infl8 host).
+pub const PRECISION_KEY: &str = "precision";
 
 impl LoadOptions {
     /// The precision to load with: `extra`'s `precision` when present (a
@@ -116,7 +117,7 @@ impl LoadOptions {
             None => Ok(self.precision),
             Some(value) => value.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
                 BackendError::InvalidArgument(format!(
-                    "load option `{PRECISION_KEY}`: expected fp32, fp16 or int8, got {value}"
+                    "{PRECISION_KEY}: expected fp32, fp16 or int8, got {value}"
                 ))
             }),
         }
@@ -207,6 +208,21 @@ pub trait Backend: Send + Sync {
     /// One line for `infl8 plugins`.
     fn description(&self) -> &str;
     fn load(&self, model: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, BackendError>;
+    /// Checks `opts` as `load` would read them, without a model. An `extra`
+    /// key that no backend of the plugin reads, or a bad value, is an
+    /// [`BackendError::InvalidArgument`] whose message starts with the key
+    /// (`key: problem`). On success, notes on what the backend accepts but
+    /// cannot honour (a precision it has no switch for, a key for another
+    /// backend of the plugin), each starting with its key the same way.
+    /// The default answers [`BackendError::Unsupported`]: this backend does
+    /// not check.
+    fn check_options(&self, opts: &LoadOptions) -> Result<Vec<String>, BackendError> {
+        let _ = opts;
+        Err(BackendError::Unsupported(format!(
+            "backend {} does not check its options",
+            self.name()
+        )))
+    }
 }
 
 /// A model loaded by a backend, ready to run batches. One input, one output.

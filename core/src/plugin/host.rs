@@ -12,27 +12,26 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CStr, CString, OsStr, OsString, c_char, c_void};
+use std::ffi::{CStr, OsStr, OsString, c_char};
 use std::path::{Path, PathBuf};
-use std::ptr::{self, NonNull};
+use std::ptr;
 use std::sync::Arc;
 
 use libloading::Library;
 
 use super::abi::*;
+use super::adapter::{PluginBackend, PluginFns};
 use super::host_api::host_api;
-use super::raw::{self, Status, check_run_output, lossy, tensor_info};
-use crate::backend::{
-    Backend, BackendError, ForeignBuffer, LoadOptions, Model, Tensor, TensorInfo,
-};
+use super::raw::lossy;
+use crate::backend::Backend;
 
 /// More backends than this in one library is a corrupt table, not a plugin.
 const MAX_BACKENDS: u32 = 1024;
 
-// The host reads a plugin's table as one `Infl8PluginTable`, which is right
-// only while the struct is exactly its ABI 1.0 size. When a minor version
-// appends fields, read them only where `struct_size` covers them.
-const _: () = assert!(size_of::<Infl8PluginTable>() == Infl8PluginTable::MIN_SIZE as usize);
+// `check_table` copies no more of a plugin's table than its `struct_size`,
+// into a zeroed `Infl8PluginTable`: a field past an older plugin's table
+// reads as null.
+const _: () = assert!(size_of::<Infl8PluginTable>() >= Infl8PluginTable::MIN_SIZE as usize);
 
 /// Why a plugin library, or a backend from one, is not available.
 #[derive(Debug, thiserror::Error)]
@@ -536,6 +535,8 @@ impl PluginHost {
             model_io: checked.model_io,
             model_run: checked.model_run,
             tensor_free: checked.tensor_free,
+            options_check: checked.options_check,
+            abi_version: checked.abi_version,
         });
         let mut summary = PluginSummary {
             library: library.clone(),
@@ -599,6 +600,7 @@ struct CheckedTable {
     model_io: Infl8ModelIoFn,
     model_run: Infl8ModelRunFn,
     tensor_free: Infl8TensorFreeFn,
+    options_check: Option<Infl8OptionsCheckFn>,
 }
 
 /// Checks a table the entry returned: version first (only the frozen header
@@ -658,9 +660,17 @@ unsafe fn check_table(
             Infl8PluginTable::MIN_SIZE
         )));
     }
-    // SAFETY: the table is at least as large as ABI 1.0's (checked above),
-    // which is exactly `Infl8PluginTable` (asserted at compile time).
-    let t = unsafe { ptr::read(table) };
+    // SAFETY: every field of the table is an integer, a raw pointer or an
+    // `Option` of a function pointer, for which all-zero bytes are valid
+    // (0, null, `None`).
+    let mut t: Infl8PluginTable = unsafe { std::mem::zeroed() };
+    let covered = (struct_size as usize).min(size_of::<Infl8PluginTable>());
+    // SAFETY: the plugin's table holds `struct_size` readable bytes (at
+    // least ABI 1.0's, checked above); no more than that, and no more than
+    // the host's struct, are copied.
+    unsafe {
+        ptr::copy_nonoverlapping(table.cast::<u8>(), (&raw mut t).cast::<u8>(), covered);
+    }
     if header.is_some_and(|h| h.plugin_name.is_null()) {
         return Err(invalid("plugin_name is null".into()));
     }
@@ -671,6 +681,8 @@ unsafe fn check_table(
     let model_io = t.model_io.ok_or_else(|| missing("model_io"))?;
     let model_run = t.model_run.ok_or_else(|| missing("model_run"))?;
     let tensor_free = t.tensor_free.ok_or_else(|| missing("tensor_free"))?;
+    // ABI 1.2, optional: null (or beyond an older table) means "not checked".
+    let options_check = t.options_check;
 
     if t.backend_count > MAX_BACKENDS {
         return Err(invalid(format!(
@@ -731,256 +743,8 @@ unsafe fn check_table(
         model_io,
         model_run,
         tensor_free,
+        options_check,
     })
-}
-
-// ---------------------------------------------------------------------------
-// Backend and Model over a plugin table.
-// ---------------------------------------------------------------------------
-
-/// The function pointers of one library (plain `fn` pointers: `Send + Sync`).
-struct PluginFns {
-    library: PathBuf,
-    model_load: Infl8ModelLoadFn,
-    model_free: Infl8ModelFreeFn,
-    model_io: Infl8ModelIoFn,
-    model_run: Infl8ModelRunFn,
-    tensor_free: Infl8TensorFreeFn,
-}
-
-struct PluginBackend {
-    fns: Arc<PluginFns>,
-    index: u32,
-    name: String,
-    description: String,
-}
-
-impl Backend for PluginBackend {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn description(&self) -> &str {
-        &self.description
-    }
-
-    fn load(&self, model: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, BackendError> {
-        let load_error = |message: String| BackendError::Load {
-            path: model.display().to_string(),
-            message,
-        };
-        let path = model.to_str().ok_or_else(|| {
-            load_error("the path is not valid UTF-8, which plugins require".into())
-        })?;
-        let path =
-            CString::new(path).map_err(|_| load_error("the path contains a NUL byte".into()))?;
-        let json = serde_json::to_string(opts)
-            .ok()
-            .and_then(|j| CString::new(j).ok())
-            .ok_or_else(|| BackendError::Other("cannot encode the load options as JSON".into()))?;
-        // SAFETY: the function comes from this plugin's checked table and
-        // the index was declared by it.
-        let handle = unsafe { raw::model_load(self.fns.model_load, self.index, &path, &json) }
-            .map_err(|s| {
-                let message = s.text();
-                match s.code {
-                    INFL8_PANIC => BackendError::Panic(message),
-                    INFL8_UNAVAILABLE => BackendError::Unavailable(message),
-                    _ => load_error(message),
-                }
-            })?;
-        let ptr = handle.ok_or_else(|| {
-            load_error(format!(
-                "plugin library {} returned OK without a model handle",
-                self.fns.library.display()
-            ))
-        })?;
-        let handle = ModelHandle {
-            fns: self.fns.clone(),
-            ptr,
-        };
-        let (input, output) = handle.io()?;
-        Ok(Box::new(PluginModel {
-            handle,
-            input,
-            output,
-        }))
-    }
-}
-
-/// Owns a plugin's model handle; frees it on drop.
-struct ModelHandle {
-    fns: Arc<PluginFns>,
-    ptr: NonNull<Infl8Model>,
-}
-
-// SAFETY: the ABI allows every call on a model handle from any thread,
-// concurrently (`model_free` aside, which only `Drop` calls, with `&mut`).
-unsafe impl Send for ModelHandle {}
-// SAFETY: see `Send` above.
-unsafe impl Sync for ModelHandle {}
-
-impl Drop for ModelHandle {
-    fn drop(&mut self) {
-        // SAFETY: the handle is live and freed exactly once, here.
-        let status = unsafe { (self.fns.model_free)(self.ptr.as_ptr()) };
-        if status != INFL8_OK {
-            tracing::warn!(
-                library = %self.fns.library.display(),
-                "model_free failed with status {}",
-                status_name(status)
-            );
-        }
-    }
-}
-
-const EMPTY_DESC: Infl8TensorDesc = Infl8TensorDesc {
-    name: ptr::null(),
-    rank: 0,
-    reserved: 0,
-    dims: [0; INFL8_MAX_RANK],
-};
-
-impl ModelHandle {
-    fn io(&self) -> Result<(TensorInfo, TensorInfo), BackendError> {
-        let mut io = Infl8ModelIo {
-            struct_size: size_of::<Infl8ModelIo>() as u32,
-            reserved: 0,
-            input: EMPTY_DESC,
-            output: EMPTY_DESC,
-        };
-        // SAFETY: live handle of this table, writable out struct of the
-        // size it declares.
-        unsafe { raw::model_io(self.fns.model_io, self.ptr.as_ptr(), &mut io) }.map_err(|s| {
-            let message = s.text();
-            match s.code {
-                INFL8_PANIC => BackendError::Panic(message),
-                _ => BackendError::Other(format!(
-                    "plugin library {} cannot describe the model: {message}",
-                    self.fns.library.display()
-                )),
-            }
-        })?;
-        // The names stay valid until model_free; tensor_info copies them.
-        let info = |desc: &Infl8TensorDesc, default: &str| {
-            tensor_info(desc, default).map_err(|reason| {
-                BackendError::Other(format!(
-                    "plugin library {} describes its model badly: {reason}",
-                    self.fns.library.display()
-                ))
-            })
-        };
-        Ok((info(&io.input, "input")?, info(&io.output, "output")?))
-    }
-}
-
-struct PluginModel {
-    handle: ModelHandle,
-    input: TensorInfo,
-    output: TensorInfo,
-}
-
-impl Model for PluginModel {
-    fn input(&self) -> &TensorInfo {
-        &self.input
-    }
-
-    fn output(&self) -> &TensorInfo {
-        &self.output
-    }
-
-    fn run(&self, data: &[f32], shape: &[usize]) -> Result<Tensor, BackendError> {
-        let fns = &self.handle.fns;
-        // Checked here so that the plugin only ever sees inputs that fit,
-        // and so that the rank fits the ABI (the input's rank does).
-        self.input.check_run_input(data.len(), shape)?;
-        let mut dims = [0u64; INFL8_MAX_RANK];
-        for (slot, &d) in dims.iter_mut().zip(shape) {
-            *slot = d as u64;
-        }
-        // SAFETY: live handle of this table; `data` holds the product of
-        // `dims[..rank]` values (checked above) and outlives the call.
-        let out = unsafe {
-            raw::model_run(
-                fns.model_run,
-                self.handle.ptr.as_ptr(),
-                data.as_ptr(),
-                &dims[..shape.len()],
-            )
-        }
-        // On failure the out struct is not ours to free (ABI).
-        .map_err(|s: Status| match s.code {
-            INFL8_PANIC => BackendError::Panic(s.text()),
-            INFL8_SHAPE_MISMATCH => BackendError::Shape {
-                got: shape.to_vec(),
-                expected: if s.message.is_empty() {
-                    self.input.to_string()
-                } else {
-                    s.message
-                },
-            },
-            _ => BackendError::Run(s.text()),
-        })?;
-        // Owned from here on: every early return below frees it.
-        let mut buffer = PluginBuffer {
-            fns: fns.clone(),
-            owner: out.owner,
-            data: out.data,
-            len: 0,
-        };
-        let invalid = |reason: String| {
-            BackendError::Run(format!(
-                "plugin library {} returned an invalid output: {reason}",
-                fns.library.display()
-            ))
-        };
-        let (out_shape, len) =
-            check_run_output(&out, &self.input, &self.output, shape).map_err(invalid)?;
-        buffer.len = len;
-        Tensor::from_foreign(out_shape, Box::new(buffer))
-    }
-}
-
-/// An output tensor still owned by the plugin; released through
-/// `tensor_free` when dropped.
-struct PluginBuffer {
-    fns: Arc<PluginFns>,
-    owner: *mut c_void,
-    data: *const f32,
-    len: usize,
-}
-
-// SAFETY: the ABI lets `tensor_free` run on any thread, and the data stays
-// unchanged until then, so the buffer may move between threads.
-unsafe impl Send for PluginBuffer {}
-
-impl ForeignBuffer for PluginBuffer {
-    fn as_slice(&self) -> &[f32] {
-        if self.len == 0 {
-            return &[];
-        }
-        // SAFETY: `check_output` verified non-null, aligned and `len`
-        // values in size; the plugin keeps them until `tensor_free`.
-        unsafe { std::slice::from_raw_parts(self.data, self.len) }
-    }
-}
-
-impl Drop for PluginBuffer {
-    fn drop(&mut self) {
-        if self.owner.is_null() {
-            return;
-        }
-        // SAFETY: `owner` came from a successful `model_run` and is released
-        // exactly once, here.
-        let status = unsafe { (self.fns.tensor_free)(self.owner) };
-        if status != INFL8_OK {
-            tracing::warn!(
-                library = %self.fns.library.display(),
-                "tensor_free failed with status {}",
-                status_name(status)
-            );
-        }
-    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! ABI it and the conformance kit call plugins through. The ABI itself and
 //! the export macro live in infl8-backend (re-exported here).
 //!
-//! - [`abi`]: the `#[repr(C)]` contract (ABI 1.1), written so a C header can
+//! - [`abi`]: the `#[repr(C)]` contract (ABI 1.2), written so a C header can
 //!   be generated from it and a vendor can write a plugin in C.
 //! - [`raw`]: the calls through a plugin's function table, with the checks
 //!   of what comes back, and nothing else.
@@ -33,6 +33,7 @@
 //! ```
 
 pub use infl8_backend::{abi, export};
+mod adapter;
 mod chain;
 #[cfg(target_os = "linux")]
 mod elf;

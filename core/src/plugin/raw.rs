@@ -91,6 +91,37 @@ pub unsafe fn model_load(
     Ok(NonNull::new(handle))
 }
 
+/// `options_check` (ABI 1.2) of the backend at `backend_index`: its notes
+/// (one per line, maybe none) when the options pass.
+///
+/// # Safety
+/// `check` must come from a live plugin table.
+pub unsafe fn options_check(
+    check: Infl8OptionsCheckFn,
+    backend_index: u32,
+    options_json: &CStr,
+) -> Result<Vec<String>, Status> {
+    let mut err = [0u8; ERR_CAP];
+    // SAFETY: the string is NUL-terminated and outlives the call, the error
+    // buffer is writable.
+    let code = unsafe {
+        check(
+            backend_index,
+            options_json.as_ptr(),
+            err.as_mut_ptr().cast(),
+            err.len(),
+        )
+    };
+    if code != INFL8_OK {
+        return Err(Status::from_call(code, &err));
+    }
+    Ok(read_message(&err)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
 /// `model_io` into `*out`, whose `struct_size` the caller has set.
 ///
 /// # Safety

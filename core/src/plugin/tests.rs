@@ -28,6 +28,26 @@ impl Backend for TestBackend {
         "in-process test backend"
     }
 
+    fn check_options(&self, opts: &LoadOptions) -> Result<Vec<String>, BackendError> {
+        match self.1 {
+            Behaviour::Double => {
+                if let Some(key) = opts.extra.keys().find(|k| k.as_str() != "factor") {
+                    return Err(BackendError::InvalidArgument(format!(
+                        "{key}: not read by double"
+                    )));
+                }
+                let large = opts.extra.get("factor").and_then(|v| v.as_f64()) > Some(100.0);
+                Ok(if large {
+                    vec!["factor: very large".into(), "factor: really".into()]
+                } else {
+                    vec![]
+                })
+            }
+            Behaviour::PanicLoad => panic!("boom in check_options"),
+            Behaviour::PanicRun => Err(BackendError::Unsupported("not checked".into())),
+        }
+    }
+
     fn load(&self, model: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, BackendError> {
         if let Behaviour::PanicLoad = self.1 {
             panic!("boom in load of {}", model.display());
@@ -390,11 +410,85 @@ fn plugin_refuses_a_foreign_major_but_names_itself() {
     );
 }
 
+#[test]
+fn options_checks_cross_with_their_notes_and_kinds() {
+    let host = host();
+    let double = host.backend("double").unwrap();
+    let mut opts = LoadOptions::default();
+    assert_eq!(double.check_options(&opts).unwrap(), Vec::<String>::new());
+    opts.extra.insert("factor".into(), 1000.0.into());
+    assert_eq!(
+        double.check_options(&opts).unwrap(),
+        ["factor: very large", "factor: really"]
+    );
+    opts.extra.insert("bogus".into(), 1.into());
+    match double.check_options(&opts) {
+        Err(BackendError::InvalidArgument(m)) => assert_eq!(m, "bogus: not read by double"),
+        other => panic!("{other:?}"),
+    }
+    match host.backend("panic-load").unwrap().check_options(&opts) {
+        Err(BackendError::Panic(m)) => assert!(m.contains("boom in check_options"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    match host.backend("panic-run").unwrap().check_options(&opts) {
+        Err(BackendError::Unsupported(m)) => assert_eq!(m, "not checked"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The in-process plugin's table, cut to the ABI 1.1 size: `options_check`
+/// is still set in memory, past `struct_size`, where the host must not look.
+unsafe extern "C" fn abi_1_1_entry(
+    host_abi: u32,
+    api: *const Infl8HostApi,
+    out: *mut *const Infl8PluginTable,
+) -> i32 {
+    static OLD: std::sync::OnceLock<StaticTable> = std::sync::OnceLock::new();
+    let mut real: *const Infl8PluginTable = ptr::null();
+    // SAFETY: the macro-generated entry, with the host's own arguments.
+    let status = unsafe { infl8_plugin_entry(host_abi, api, &mut real) };
+    let old = OLD.get_or_init(|| {
+        // SAFETY: the entry stored its static table.
+        let mut t = unsafe { *real };
+        t.abi_version = abi_version(1, 1);
+        t.struct_size = Infl8PluginTable::MIN_SIZE;
+        StaticTable(t)
+    });
+    // SAFETY: the host passes a writable pointer.
+    unsafe { *out = &old.0 };
+    status
+}
+
+#[test]
+fn a_plugin_older_than_options_check_is_not_asked() {
+    let mut host = PluginHost::new(vec![]);
+    // SAFETY: a valid ABI 1.1 table around the macro-generated functions.
+    let summary = unsafe { host.register_entry("old.so", abi_1_1_entry) }.unwrap();
+    assert_eq!(summary.abi, "1.1");
+    let mut opts = LoadOptions::default();
+    opts.extra.insert("bogus".into(), 1.into());
+    match host.backend("double").unwrap().check_options(&opts) {
+        Err(BackendError::Unsupported(m)) => {
+            assert!(m.contains("old.so") && m.contains("ABI 1.1"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Loading still works as before.
+    assert!(
+        host.backend("double")
+            .unwrap()
+            .load(Path::new("m.onnx"), &LoadOptions::default())
+            .is_ok()
+    );
+}
+
 // Hand-written entries that break the contract in one way each.
 
 struct StaticTable(Infl8PluginTable);
 // SAFETY: immutable statics whose pointers point to static strings.
 unsafe impl Sync for StaticTable {}
+// SAFETY: as above; the table is written once, then only read.
+unsafe impl Send for StaticTable {}
 
 const fn table(abi_version: u32, struct_size: u32) -> Infl8PluginTable {
     Infl8PluginTable {
@@ -410,6 +504,7 @@ const fn table(abi_version: u32, struct_size: u32) -> Infl8PluginTable {
         model_io: None,
         model_run: None,
         tensor_free: None,
+        options_check: None,
     }
 }
 

@@ -40,7 +40,7 @@ use ort::session::Session;
 use ort::session::builder::{AutoDevicePolicy, SessionBuilder};
 use ort::value::{DynValue, Outlet, TensorElementType, TensorRef, ValueType};
 
-use crate::options::OrtOptions;
+use crate::options::{OptionError, OrtOptions, Parsed};
 use crate::runtime::{LibraryRequest, Runtime};
 
 infl8_backend::export_plugin! {
@@ -136,6 +136,35 @@ impl Backend for OrtBackend {
     fn load(&self, model: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, BackendError> {
         Ok(Box::new(OrtModel::load(model, self.provider, opts)?))
     }
+
+    fn check_options(&self, opts: &LoadOptions) -> Result<Vec<String>, BackendError> {
+        let parsed = parse_options(opts, self.provider)
+            .map_err(|e| BackendError::InvalidArgument(format!("{}: {}", e.key, e.message)))?;
+        if let Some(key) = parsed.unknown.first() {
+            return Err(BackendError::InvalidArgument(format!(
+                "{key}: not an option of the ort plugin (it reads {})",
+                options::ALL_KEYS.join(", ")
+            )));
+        }
+        let name = self.provider.backend_name();
+        let mut notes: Vec<String> = parsed
+            .other_backend
+            .iter()
+            .map(|key| format!("{key}: {name} does not read it (another ort backend does)"))
+            .collect();
+        notes.extend(parsed.warnings);
+        Ok(notes)
+    }
+}
+
+/// The plugin's options as `provider` reads them; `extra`'s own
+/// `precision` (a backend table's) wins over the typed one.
+fn parse_options(opts: &LoadOptions, provider: Provider) -> Result<Parsed, OptionError> {
+    let mut extra = opts.extra.clone();
+    extra
+        .entry(options::KEY_PRECISION)
+        .or_insert_with(|| opts.precision.as_str().into());
+    OrtOptions::parse(&extra, provider)
 }
 
 fn load_error(path: &Path, message: impl Into<String>) -> BackendError {
@@ -171,12 +200,7 @@ impl OrtModel {
     pub fn load(path: &Path, provider: Provider, opts: &LoadOptions) -> Result<Self, BackendError> {
         let err = |m: String| load_error(path, m);
         let name = provider.backend_name();
-        // `extra`'s own `precision` (a backend table's) wins over the typed one.
-        let mut extra = opts.extra.clone();
-        extra
-            .entry(options::KEY_PRECISION)
-            .or_insert_with(|| opts.precision.as_str().into());
-        let parsed = OrtOptions::parse(&extra, provider).map_err(|e| err(e.to_string()))?;
+        let parsed = parse_options(opts, provider).map_err(|e| err(e.to_string()))?;
         for key in &parsed.unknown {
             tracing::warn!("{name}: ignoring unknown load option `{key}`");
         }
@@ -184,7 +208,7 @@ impl OrtModel {
             tracing::debug!("{name}: load option `{key}` is for another ort backend");
         }
         for warning in &parsed.warnings {
-            tracing::warn!("{warning}");
+            tracing::warn!("{name}: {warning}");
         }
         let options = parsed.options;
         if let Err(e) = std::fs::metadata(path) {

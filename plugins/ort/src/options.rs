@@ -97,7 +97,7 @@ pub struct Parsed {
     /// every `ort-*` backend, read by `ort-cpu`).
     pub other_backend: Vec<String>,
     /// Settings the backend accepts but cannot honour (a warning, once per
-    /// load: e.g. `precision = "fp16"` on `ort-cpu`).
+    /// load: e.g. `precision = "fp16"` on `ort-cpu`), each `key: why`.
     pub warnings: Vec<String>,
 }
 
@@ -149,11 +149,10 @@ impl OrtOptions {
                 o.trt.int8.get_or_insert(true);
             }
             (_, Some(p)) => parsed.warnings.push(format!(
-                "{}: precision {} has no switch on this execution provider; it runs the \
-                 model's own precision (fp16/int8 kernels are ort-tensorrt's, or come from \
-                 an fp16/INT8 model file)",
-                provider.backend_name(),
-                p.as_str()
+                "{KEY_PRECISION}: {} has no switch on {}; it runs the model's own precision \
+                 (fp16/int8 kernels are ort-tensorrt's, or come from an fp16/INT8 model file)",
+                p.as_str(),
+                provider.backend_name()
             )),
         }
         Ok(parsed)

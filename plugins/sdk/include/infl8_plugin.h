@@ -13,8 +13,9 @@
 #define INFL8_ABI_MAJOR 1
 
 // Minor version of this ABI: a newer minor only appends (fields, status
-// codes). 1.1 added [`INFL8_UNAVAILABLE`].
-#define INFL8_ABI_MINOR 1
+// codes). 1.1 added [`INFL8_UNAVAILABLE`], 1.2
+// `Infl8PluginTable::options_check` ([`Infl8OptionsCheckFn`]).
+#define INFL8_ABI_MINOR 2
 
 // `(INFL8_ABI_MAJOR << 16) | INFL8_ABI_MINOR`.
 #define INFL8_ABI_VERSION ((INFL8_ABI_MAJOR << 16) | INFL8_ABI_MINOR)
@@ -241,6 +242,12 @@ typedef struct Infl8PluginTable {
                        size_t err_cap);
   // Signature and contract: [`Infl8TensorFreeFn`].
   int32_t (*tensor_free)(void *owner);
+  // (ABI 1.2; read only when `struct_size` covers it, may be null.)
+  // Signature and contract: [`Infl8OptionsCheckFn`].
+  int32_t (*options_check)(uint32_t backend_index,
+                           const char *options_json,
+                           char *err,
+                           size_t err_cap);
 } Infl8PluginTable;
 
 // Type of the exported [`INFL8_ENTRY_SYMBOL`]. Never changes.
