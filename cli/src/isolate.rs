@@ -203,13 +203,7 @@ impl WorkerCommand {
             if let (Some(limit), Some(elapsed)) = (self.timeout, since_load)
                 && elapsed > limit + KILL_GRACE
             {
-                // The whole group: a helper process the plugin started
-                // would otherwise keep the pipe open and the parent waiting.
-                // SAFETY: a plain syscall on the worker's own group (its
-                // pid is its group's id: `process_group(0)`).
-                unsafe { libc::kill(-(end.pid as libc::pid_t), libc::SIGKILL) };
-                let _ = child.kill();
-                child.wait().context("cannot wait for the worker")?;
+                kill_group(&mut child, end.pid)?;
                 end.how = Ended::TimedOut(elapsed);
                 break ExitStatus::from_raw(libc::SIGKILL);
             }
@@ -218,10 +212,7 @@ impl WorkerCommand {
             {
                 let since = *stop_at.get_or_insert_with(Instant::now);
                 if since.elapsed() >= grace {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(-(end.pid as libc::pid_t), libc::SIGKILL) };
-                    let _ = child.kill();
-                    child.wait().context("cannot wait for the worker")?;
+                    kill_group(&mut child, end.pid)?;
                     end.how = Ended::Stopped;
                     break ExitStatus::from_raw(libc::SIGKILL);
                 }
@@ -270,6 +261,18 @@ pub(crate) fn signal_name(sig: i32) -> &'static str {
         libc::SIGINT => "SIGINT",
         _ => "a signal",
     }
+}
+
+/// Kills the worker's whole process group and reaps the worker. The whole
+/// group: a helper process the plugin started would otherwise keep the
+/// pipe open and the parent waiting.
+fn kill_group(child: &mut std::process::Child, pid: u32) -> Result<()> {
+    // SAFETY: a plain syscall on the worker's own group (its pid is its
+    // group's id: `process_group(0)`).
+    unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+    let _ = child.kill();
+    child.wait().context("cannot wait for the worker")?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -309,8 +309,7 @@ fn in_process(prepared: &Engine, limits: &ReadLimits, job: &Job, label: &str) ->
         bar.set_position(done);
     };
     let mut preview_result = None;
-    prepared.deadline.start();
-    let result = prepared.segmenter.segment_file_with(
+    let result = prepared.segment_file_with(
         &job.input,
         &job.output,
         job.logits.as_deref(),
@@ -324,13 +323,7 @@ fn in_process(prepared: &Engine, limits: &ReadLimits, job: &Job, label: &str) ->
         },
     );
     bar.finish_and_clear();
-    let report = match result {
-        Ok(r) => r,
-        Err(_) if prepared.deadline.expired() => {
-            return Err(prepared.deadline.error(&job.input).into());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let report = result?;
     info!(
         input = %log_path(&report.input),
         output = %log_path(&report.output),

@@ -75,8 +75,8 @@ impl FailureKind {
         if e.downcast_ref::<PreprocessError>().is_some() {
             return Some(FailureKind::Input);
         }
-        if let Some(e) = e.downcast_ref::<BackendError>() {
-            return Some(backend_kind(e));
+        if e.downcast_ref::<BackendError>().is_some() {
+            return Some(FailureKind::Backend);
         }
         if e.downcast_ref::<WriteError>().is_some() {
             return Some(FailureKind::Io);
@@ -128,7 +128,7 @@ impl BudgetError {
 impl InferenceError {
     pub fn failure_kind(&self) -> FailureKind {
         match self {
-            InferenceError::Backend(e) => backend_kind(e),
+            InferenceError::Backend(_) => FailureKind::Backend,
             // The model computed NaN or fits no input: the model's fault.
             InferenceError::ModelInput { .. }
             | InferenceError::ModelOutput { .. }
@@ -148,12 +148,9 @@ impl SegmentError {
             SegmentError::Input { .. } | SegmentError::Preprocess { .. } => FailureKind::Input,
             SegmentError::Budget { source, .. } => source.failure_kind(),
             SegmentError::Inference { source, .. } => source.failure_kind(),
+            SegmentError::TimedOut(_) => FailureKind::Timeout,
         }
     }
-}
-
-fn backend_kind(_: &BackendError) -> FailureKind {
-    FailureKind::Backend
 }
 
 #[cfg(test)]

@@ -37,6 +37,9 @@ pub enum SegmentError {
         #[source]
         source: InferenceError,
     },
+    /// The volume ran past `limits.timeout_s` ([`crate::engine::Engine`]).
+    #[error(transparent)]
+    TimedOut(#[from] crate::engine::TimedOut),
 }
 
 /// A model with its manifest and the runtime's post-processing choices.

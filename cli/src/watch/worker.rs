@@ -41,19 +41,16 @@ pub(super) fn worker(a: &WatchArgs, job: &str) -> ExitCode {
         let prepared = infl8_core::engine::open(&settings, model)?;
         let load_s = t0.elapsed().as_secs_f64();
         say_loaded(&prepared.backend, &prepared.library);
-        prepared.deadline.start();
         let t1 = Instant::now();
         let limits = settings.limits.read_limits();
-        let r = prepared
-            .segmenter
-            .segment_file(&job.input, &job.output, None, &limits, &|_, _| {});
-        let r = match r {
-            Ok(r) => r,
-            Err(_) if prepared.deadline.expired() => {
-                return Err(prepared.deadline.error(&job.input).into());
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let r = prepared.segment_file_with(
+            &job.input,
+            &job.output,
+            None,
+            &limits,
+            &|_, _| {},
+            |_, _| {},
+        )?;
         let report = json!({
             "input": job.name,
             "input_sha256": job.sha256,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use infl8_backend::{Backend, Model};
+use ndarray::ArrayView3;
 use tracing::{info, warn};
 
 pub use limits::{
@@ -19,8 +20,10 @@ pub use limits::{
 
 use crate::config::Settings;
 use crate::manifest::{self, ManifestError};
+use crate::nifti_io::ReadLimits;
 use crate::plugin::{ChainError, PluginHost};
-use crate::segment::Segmenter;
+use crate::segment::{SegmentError, SegmentReport, Segmenter};
+use crate::volume::Volume;
 
 /// Why a model cannot be opened for a run.
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +45,35 @@ pub struct Engine {
     pub backend: String,
     /// The plugin library that backend came from.
     pub library: PathBuf,
-    /// Restart with [`Deadline::start`] before each volume.
+    /// Restarted by [`Engine::segment_file_with`] for each volume.
     pub deadline: Deadline,
+}
+
+impl Engine {
+    /// [`Segmenter::segment_file_with`] within the deadline: it restarts
+    /// for this volume, and a failure once it has passed is the timeout
+    /// (the model refuses every call after it), not the error that
+    /// surfaced.
+    pub fn segment_file_with(
+        &self,
+        input: &Path,
+        output: &Path,
+        logits: Option<&Path>,
+        limits: &ReadLimits,
+        progress: &(dyn Fn(u64, u64) + Sync),
+        written: impl FnOnce(&Volume, ArrayView3<u8>),
+    ) -> Result<SegmentReport, SegmentError> {
+        self.deadline.start();
+        self.segmenter
+            .segment_file_with(input, output, logits, limits, progress, written)
+            .map_err(|e| {
+                if self.deadline.expired() {
+                    SegmentError::TimedOut(self.deadline.error(input))
+                } else {
+                    e
+                }
+            })
+    }
 }
 
 /// A plugin host with the settings' directories and permission rule.

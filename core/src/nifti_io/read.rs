@@ -13,7 +13,10 @@ use nifti::{Endianness, NiftiHeader};
 use rayon::prelude::*;
 
 use super::affine::{AffineSource, affine_is_valid, header_affine};
-use super::*;
+use super::{
+    DataType, HEADER_SIZE, MIN_VOXEL_MM, NiftiIoError, NonFinite, ReadLimits, SLAB_BYTES, X_BLOCK,
+    io_err,
+};
 use crate::volume::{Volume, spacing_of};
 
 /// DEFLATE cannot expand data by more than ~1032:1, so a compressed file

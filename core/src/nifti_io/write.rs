@@ -12,7 +12,7 @@ use nifti::{Endianness, NiftiHeader};
 use super::affine::{
     affine_is_valid, copy_geometry, header_matches_grid, set_geometry_from_affine,
 };
-use super::*;
+use super::{DataType, HEADER_SIZE, NiftiIoError, SLAB_BYTES, X_BLOCK, io_err};
 use crate::fsio;
 use crate::volume::Volume;
 

@@ -5,7 +5,7 @@ use nalgebra::{Matrix3, Matrix4, Vector3, Vector4};
 use ndarray::{Array4, ArrayView3, ArrayView4, ArrayViewMut3, Axis, Zip};
 use rayon::prelude::*;
 
-use super::*;
+use super::PreprocessError;
 use crate::volume::spacing_of;
 
 /// MONAI's `AFFINE_TOL`: an axis whose spacing is within this many mm of the
