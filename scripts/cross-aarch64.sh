@@ -8,7 +8,7 @@
 #      apt-get gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, qemu-user-static
 #      (plus `file`);
 #   2. builds what runs below for aarch64: `infl8` (infl8-cli) and the tract
-#      plugin; the ort plugin is only type-checked (`cargo check`: ONNX
+#      plugin (its tract-cuda backend for JetPack 6's CUDA 12); the ort plugin is only type-checked (`cargo check`: ONNX
 #      Runtime's aarch64 library crashes under QEMU, so nothing of it runs
 #      here, and linking it would cost minutes for nothing);
 #   3. runs infl8-core's tests under QEMU (the runner of .cargo/config.toml);
@@ -110,8 +110,13 @@ phase "toolchain"
 # --- 2. build --------------------------------------------------------------
 cargo_x() { cargo "$@" --target "$target" --target-dir "$target_dir" --profile "$profile"; }
 
-echo "== cargo build ($profile) for $target: infl8-cli, infl8-plugin-tract"
-cargo_x build --locked -p infl8-cli -p infl8-plugin-tract
+echo "== cargo build ($profile) for $target: infl8-cli"
+cargo_x build --locked -p infl8-cli
+# The aarch64 GPUs infl8 targets are Jetsons, whose JetPack 6 has CUDA 12:
+# the plugin's tract-cuda backend is built for that driver API (build only:
+# no GPU here; its CPU backend `tract` is what runs below).
+echo "== cargo build ($profile) for $target: infl8-plugin-tract (tract + tract-cuda, CUDA 12)"
+cargo_x build --locked -p infl8-plugin-tract --no-default-features --features cuda-12
 phase "build infl8, tract plugin"
 echo "== cargo check ($profile) for $target: infl8-plugin-ort (nothing of it runs here)"
 cargo_x check --locked -p infl8-plugin-ort

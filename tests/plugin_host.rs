@@ -114,7 +114,8 @@ fn tract_plugin_runs_conv3d() {
         .expect("load tract plugin");
     assert_eq!(summary.plugin, "tract");
     assert_eq!(summary.abi, version_string(INFL8_ABI_VERSION));
-    assert_eq!(summary.backends, ["tract"]);
+    // The default build carries the GPU backend too (cargo feature `cuda`).
+    assert_eq!(summary.backends, ["tract", "tract-cuda"]);
     for threads in [1, 3] {
         check_tract(&host, threads);
     }

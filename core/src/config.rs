@@ -902,7 +902,10 @@ mod tests {
         }
         assert!(n >= 5, "profiles found in {}: {n}", dir.display());
         let nano = check_file(&dir.join("jetson-orin-nano.toml")).unwrap();
-        assert_eq!(nano.backend_chain(), ["ort-tensorrt", "ort-cuda", "tract"]);
+        assert_eq!(
+            nano.backend_chain(),
+            ["ort-tensorrt", "ort-cuda", "tract-cuda", "tract"]
+        );
         assert_eq!(nano.precision, Precision::Fp16);
         assert_eq!(
             nano.load_options("ort-tensorrt").extra["precision"],

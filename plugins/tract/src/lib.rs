@@ -1,5 +1,11 @@
-//! infl8 backend plugin `tract`: CPU inference on tract-onnx, pure Rust.
+//! infl8 backend plugin `tract`: inference on tract-onnx, pure Rust. Two
+//! backends, one model-loading path: `tract` on the CPU, and (cargo
+//! feature `cuda`, on by default; `cuda-12` for JetPack 6) `tract-cuda` on
+//! an NVIDIA GPU through tract's CUDA runtime ([`cuda`]), which runs a
+//! batch in one invocation and reports itself unavailable on a machine
+//! without CUDA, so a chain `tract-cuda,tract` falls back.
 //!
+//! On the CPU:
 //! tract runs one model invocation on one thread, so a batch is split into
 //! its items, which run in parallel on a rayon pool sized by
 //! [`LoadOptions::threads`]; their outputs are joined by
@@ -17,7 +23,7 @@ use std::sync::{Arc, Once};
 
 use infl8_backend::batch::{Part, Split};
 use infl8_backend::{
-    Backend, BackendError, Dim, LoadOptions, Model, Precision, Tensor, TensorInfo,
+    Backend, BackendError, Dim, LoadOptions, Model, PRECISION_KEY, Precision, Tensor, TensorInfo,
 };
 use rayon::prelude::*;
 use tract_onnx::prelude::{
@@ -26,21 +32,52 @@ use tract_onnx::prelude::{
 };
 use tract_onnx::tract_hir::infer::GenericFactoid;
 
+#[cfg(any(feature = "cuda", feature = "cuda-12"))]
+pub mod cuda;
+
+#[cfg(any(feature = "cuda", feature = "cuda-12"))]
+infl8_backend::export_plugin! {
+    name: "tract",
+    version: env!("CARGO_PKG_VERSION"),
+    backends: [Box::new(TractBackend::new()), Box::new(TractBackend::cuda())],
+}
+
+#[cfg(not(any(feature = "cuda", feature = "cuda-12")))]
 infl8_backend::export_plugin! {
     name: "tract",
     version: env!("CARGO_PKG_VERSION"),
     backends: [Box::new(TractBackend::new())],
 }
 
-/// The `tract` backend.
+/// Where a tract backend runs its models.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Device {
+    Cpu,
+    #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+    Cuda,
+}
+
+/// The `tract` backend (and `tract-cuda`, built with a CUDA feature).
 pub struct TractBackend {
-    _private: (),
+    device: Device,
 }
 
 impl TractBackend {
+    /// The CPU backend, `tract`.
     pub fn new() -> Self {
         bridge_log_to_tracing();
-        TractBackend { _private: () }
+        TractBackend {
+            device: Device::Cpu,
+        }
+    }
+
+    /// The GPU backend, `tract-cuda`.
+    #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+    pub fn cuda() -> Self {
+        bridge_log_to_tracing();
+        TractBackend {
+            device: Device::Cuda,
+        }
     }
 }
 
@@ -52,16 +89,71 @@ impl Default for TractBackend {
 
 impl Backend for TractBackend {
     fn name(&self) -> &str {
-        "tract"
+        match self.device {
+            Device::Cpu => "tract",
+            #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+            Device::Cuda => cuda::BACKEND,
+        }
     }
 
     fn description(&self) -> &str {
-        "CPU inference with tract-onnx (pure Rust; batch items run in parallel)"
+        match self.device {
+            Device::Cpu => "CPU inference with tract-onnx (pure Rust; batch items run in parallel)",
+            #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+            Device::Cuda => "NVIDIA GPU inference with tract-cuda (CUDA loaded at run time; GPU 0)",
+        }
     }
 
     fn load(&self, model: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, BackendError> {
-        Ok(Box::new(TractModel::load(model, opts)?))
+        Ok(Box::new(TractModel::load_on(model, opts, self.device)?))
     }
+
+    fn check_options(&self, opts: &LoadOptions) -> Result<Vec<String>, BackendError> {
+        let mut notes = Vec::new();
+        for key in opts.extra.keys().filter(|k| k.as_str() != PRECISION_KEY) {
+            match self.device {
+                #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+                Device::Cuda if key == cuda::KEY_DEVICE => {
+                    cuda::device(opts)?;
+                }
+                #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+                Device::Cpu if key == cuda::KEY_DEVICE => {
+                    notes.push(format!("{key}: tract does not read it (tract-cuda does)"))
+                }
+                _ => {
+                    return Err(BackendError::InvalidArgument(format!(
+                        "{key}: not an option of the tract plugin (it reads {})",
+                        OPTION_KEYS.join(", ")
+                    )));
+                }
+            }
+        }
+        notes.extend(precision_note(opts, self.device)?);
+        Ok(notes)
+    }
+}
+
+/// Every key the plugin reads, on one backend or the other.
+#[cfg(any(feature = "cuda", feature = "cuda-12"))]
+const OPTION_KEYS: &[&str] = &[PRECISION_KEY, cuda::KEY_DEVICE];
+#[cfg(not(any(feature = "cuda", feature = "cuda-12")))]
+const OPTION_KEYS: &[&str] = &[PRECISION_KEY];
+
+/// What to say about the requested precision: nothing for fp32 (and fp16
+/// on the GPU), a note for a precision tract has no switch for (every
+/// backend of a chain gets the profile's precision, so that is not an
+/// error).
+fn precision_note(opts: &LoadOptions, device: Device) -> Result<Option<String>, BackendError> {
+    Ok(match (opts.requested_precision()?, device) {
+        (Precision::Fp32, _) => None,
+        #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+        (Precision::Fp16, Device::Cuda) => None,
+        (p, _) => Some(format!(
+            "{PRECISION_KEY}: {} has no switch in tract; tract runs the model as stored \
+             (an INT8 QDQ model file runs as INT8)",
+            p.as_str()
+        )),
+    })
 }
 
 /// tract (and its dependencies) log through `log`; send that to `tracing`,
@@ -92,13 +184,34 @@ enum Batching {
     /// The batch is symbolic: one invocation per item (batch 1), the items
     /// in parallel.
     ItemsInParallel,
-    /// The ONNX file fixes a batch other than 1: one invocation, as exported.
-    AsExported,
+    /// One invocation for the whole batch: the ONNX file fixes a batch
+    /// other than 1, or the GPU, which wants big invocations, runs it.
+    WholeBatch,
+}
+
+/// The plan that executes: tract's CPU plan, or the GPU's.
+enum Plan {
+    Cpu(Arc<TypedRunnableModel>),
+    #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+    Gpu(cuda::GpuPlan),
+}
+
+impl Plan {
+    fn run(
+        &self,
+        input: tract_onnx::prelude::Tensor,
+    ) -> TractResult<TVec<tract_onnx::prelude::TValue>> {
+        match self {
+            Plan::Cpu(plan) => plan.run(tvec![input.into_tvalue()]),
+            #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+            Plan::Gpu(plan) => plan.run(input),
+        }
+    }
 }
 
 /// A loaded ONNX model.
 pub struct TractModel {
-    plan: Arc<TypedRunnableModel>,
+    plan: Plan,
     input: TensorInfo,
     output: TensorInfo,
     batching: Batching,
@@ -113,24 +226,35 @@ fn load_error(path: &Path, message: impl Into<String>) -> BackendError {
 }
 
 impl TractModel {
+    /// Loads `path` for the CPU.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, BackendError> {
+        Self::load_on(path, opts, Device::Cpu)
+    }
+
+    fn load_on(path: &Path, opts: &LoadOptions, device: Device) -> Result<Self, BackendError> {
         let err = |m: String| load_error(path, m);
+        // A machine without CUDA is told before the model is looked at.
+        #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+        if device == Device::Cuda {
+            cuda::check_available()?;
+            cuda::device(opts).map_err(|e| err(e.into_message()))?;
+        }
         if let Err(e) = std::fs::metadata(path) {
             return Err(err(format!("cannot read the model file: {e}")));
         }
         // Every backend of a chain gets the profile's precision; tract has
         // no reduced-precision mode to switch on, which is worth a warning,
         // not a failed load.
-        match opts.requested_precision() {
-            Ok(Precision::Fp32) => {}
-            Ok(p) => tracing::warn!(
-                "tract: precision {} has no switch here; tract runs the model as stored \
-                 (an INT8 QDQ model file runs as INT8)",
-                p.as_str()
-            ),
+        match precision_note(opts, device) {
+            Ok(Some(note)) => tracing::warn!("tract: {note}"),
+            Ok(None) => {}
             Err(e) => return Err(err(e.into_message())),
         }
-        for key in opts.extra.keys().filter(|k| k.as_str() != "precision") {
+        for key in opts
+            .extra
+            .keys()
+            .filter(|k| !OPTION_KEYS.contains(&k.as_str()))
+        {
             tracing::warn!("tract: ignoring unknown load option `{key}`");
         }
         let model = tract_onnx::onnx()
@@ -168,8 +292,11 @@ impl TractModel {
         let input = info(typed.input_outlets())?;
         let output = info(typed.output_outlets())?;
         let batching = match (input.shape.first(), output.shape.first()) {
-            (Some(Dim::Symbolic(_)), Some(Dim::Symbolic(_))) => Batching::ItemsInParallel,
-            (Some(Dim::Fixed(_)), _) => Batching::AsExported,
+            (Some(Dim::Symbolic(_)), Some(Dim::Symbolic(_))) if device == Device::Cpu => {
+                Batching::ItemsInParallel
+            }
+            (Some(Dim::Symbolic(_)), Some(Dim::Symbolic(_))) => Batching::WholeBatch,
+            (Some(Dim::Fixed(_)), _) => Batching::WholeBatch,
             (_, out) => {
                 return Err(err(format!(
                     "the output's first dimension ({}) is not the batch; infl8 needs \
@@ -187,10 +314,22 @@ impl TractModel {
             }
             _ => Ok(typed),
         };
-        let plan = runnable
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| err(format!("tract cannot optimise the model: {e:#}")))?;
+        let typed = runnable.map_err(|e| err(format!("{e:#}")))?;
+        let plan = match device {
+            Device::Cpu => Plan::Cpu(
+                typed
+                    .into_optimized()
+                    .and_then(|m| m.into_runnable())
+                    .map_err(|e| err(format!("tract cannot optimise the model: {e:#}")))?,
+            ),
+            #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+            Device::Cuda => {
+                let precision = opts
+                    .requested_precision()
+                    .map_err(|e| err(e.into_message()))?;
+                Plan::Gpu(cuda::prepare(typed, precision).map_err(err)?)
+            }
+        };
 
         let threads = match opts.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -228,10 +367,7 @@ impl TractModel {
     ) -> Result<R, BackendError> {
         let run_error = |e: tract_onnx::prelude::TractError| BackendError::Run(format!("{e:#}"));
         let tensor = tract_onnx::prelude::Tensor::from_shape(shape, data).map_err(run_error)?;
-        let outputs = self
-            .plan
-            .run(tvec![tensor.into_tvalue()])
-            .map_err(run_error)?;
+        let outputs = self.plan.run(tensor).map_err(run_error)?;
         let out = outputs
             .first()
             .ok_or_else(|| BackendError::Run("the model produced no output".into()))?;
@@ -272,7 +408,7 @@ impl Model for TractModel {
         self.input.check_run_input(data.len(), shape)?;
         match self.batching {
             Batching::ItemsInParallel => self.run_items(data, shape),
-            Batching::AsExported => self.invoke(data, shape, |got, values| {
+            Batching::WholeBatch => self.invoke(data, shape, |got, values| {
                 Tensor::from_vec(got.to_vec(), values.to_vec())
             }),
         }
@@ -434,21 +570,30 @@ fn mentions_symbol(typed: &TypedModel, batch: &BatchDim) -> bool {
 mod tests {
     use super::*;
 
+    /// The example model (a 3D conv head mask over 8^3 windows) in `dir`.
+    fn example_model(dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("m.onnx");
+        let model = infl8_onnx::examples::head_mask_model([8, 8, 8], 0.5, 10.0);
+        infl8_onnx::write_model(&model, &path).unwrap();
+        path
+    }
+
+    /// Load options with one `extra` key.
+    fn with_option(key: &str, value: serde_json::Value) -> LoadOptions {
+        let mut extra = serde_json::Map::new();
+        extra.insert(key.into(), value);
+        LoadOptions {
+            threads: 1,
+            extra,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn precision_is_accepted_and_a_bad_one_names_the_option() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.onnx");
-        let model = infl8_onnx::examples::head_mask_model([8, 8, 8], 0.5, 10.0);
-        infl8_onnx::write_model(&model, &path).unwrap();
-        let opts = |precision: &str| {
-            let mut extra = serde_json::Map::new();
-            extra.insert("precision".into(), precision.into());
-            LoadOptions {
-                threads: 1,
-                extra,
-                ..Default::default()
-            }
-        };
+        let path = example_model(dir.path());
+        let opts = |precision: &str| with_option("precision", precision.into());
         // fp16/int8 only warn: the profile's precision reaches every backend
         // of a chain, tract as the last fallback included.
         for p in ["fp32", "fp16", "int8"] {
@@ -459,5 +604,88 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("precision") && e.contains("fp8"), "{e}");
+    }
+
+    /// Without CUDA (CI, most desktops) `tract-cuda` is unavailable, never
+    /// broken, so a chain falls back; with a GPU it runs the model as the
+    /// CPU does.
+    #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+    #[test]
+    fn tract_cuda_is_unavailable_without_cuda_and_equal_to_the_cpu_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = example_model(dir.path());
+        let gpu = TractBackend::cuda();
+        assert_eq!(gpu.name(), "tract-cuda");
+        let opts = LoadOptions::default();
+        match cuda::check_available() {
+            Err(e) => {
+                let got = gpu.load(&path, &opts).err().unwrap();
+                assert!(matches!(got, BackendError::Unavailable(_)), "{got}");
+                assert!(got.to_string().contains("tract-cuda"), "{got}");
+                assert!(matches!(e, BackendError::Unavailable(_)));
+            }
+            Ok(()) => {
+                let cpu = TractBackend::new().load(&path, &opts).unwrap();
+                let gpu = gpu.load(&path, &opts).unwrap();
+                let shape = [2, 1, 8, 8, 8];
+                let data: Vec<f32> = (0..1024).map(|i| (i % 17) as f32 / 8.0).collect();
+                let a = cpu.run(&data, &shape).unwrap();
+                let b = gpu.run(&data, &shape).unwrap();
+                assert_eq!(a.shape(), b.shape());
+                let diff = a
+                    .data()
+                    .iter()
+                    .zip(b.data())
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(diff < 1e-3, "{diff}");
+            }
+        }
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-12"))]
+    #[test]
+    fn tract_cuda_options_are_checked() {
+        let opts = with_option;
+        let gpu = TractBackend::cuda();
+        assert!(
+            gpu.check_options(&opts("device", 0.into()))
+                .unwrap()
+                .is_empty()
+        );
+        let e = gpu.check_options(&opts("device", 1.into())).unwrap_err();
+        assert!(e.to_string().contains("CUDA_VISIBLE_DEVICES"), "{e}");
+        let e = gpu
+            .check_options(&opts("device", "gpu".into()))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("device: expected a GPU index"),
+            "{e}"
+        );
+        // fp16 is the GPU's to honour; the CPU notes it cannot.
+        assert!(
+            gpu.check_options(&opts("precision", "fp16".into()))
+                .unwrap()
+                .is_empty()
+        );
+        let cpu = TractBackend::new();
+        let notes = cpu
+            .check_options(&opts("precision", "fp16".into()))
+            .unwrap();
+        assert!(
+            notes[0].starts_with("precision: fp16 has no switch"),
+            "{notes:?}"
+        );
+        let notes = cpu.check_options(&opts("device", 0.into())).unwrap();
+        assert!(
+            notes[0].starts_with("device: tract does not read it"),
+            "{notes:?}"
+        );
+        let e = cpu.check_options(&opts("threads", 2.into())).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("invalid argument: threads: not an option"),
+            "{e}"
+        );
     }
 }
