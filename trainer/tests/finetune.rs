@@ -248,6 +248,11 @@ fn a_resumed_run_continues_exactly() {
     other.model.features = 8;
     let e = infl8_trainer::train::resume(&other, &device, false).unwrap_err();
     assert!(e.to_string().contains("different"), "{e}");
+    // So must one on other data variants: its training set differs.
+    let mut other = cfg.clone();
+    other.train.variants.per_case = 1;
+    let e = infl8_trainer::train::resume(&other, &device, false).unwrap_err();
+    assert!(e.to_string().contains("different"), "{e}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::*;
+use super::Normalization;
 
 const CHUNK: usize = 1 << 16;
 
@@ -13,6 +13,7 @@ pub fn normalize(values: &mut [f32], norm: &Normalization) {
         Normalization::None => {}
         Normalization::IntensityWindow { lo, hi } => intensity_window(values, lo, hi),
         Normalization::Zscore { nonzero } => zscore(values, nonzero),
+        Normalization::HeadZscore => head_zscore(values),
         Normalization::Percentile { lo, hi } => {
             let (plo, phi) = percentiles(values, lo, hi);
             if phi > plo {
@@ -42,8 +43,87 @@ fn intensity_window(values: &mut [f32], lo: f64, hi: f64) {
 
 fn zscore(values: &mut [f32], nonzero: bool) {
     let keep = |v: f32| !nonzero || v != 0.0;
-    // Two passes in f64 (mean, then squared deviations): one pass with
-    // sum of squares loses everything on CT-sized offsets.
+    if let Some((mean, std)) = mean_std(values, keep) {
+        apply_zscore(values, mean, std, keep);
+    }
+}
+
+fn head_zscore(values: &mut [f32]) {
+    let Some(threshold) = otsu_threshold(values) else {
+        return;
+    };
+    let head = |v: f32| f64::from(v) > threshold;
+    if let Some((mean, std)) = mean_std(values, head) {
+        apply_zscore(values, mean, std, |_| true);
+    }
+}
+
+/// Otsu's threshold of the values on a 256-bin histogram between their
+/// minimum and maximum: the cut that best separates the dark (air) from
+/// the bright (head) class. `None` for an empty or constant channel.
+pub(super) fn otsu_threshold(values: &[f32]) -> Option<f64> {
+    const BINS: usize = 256;
+    let (lo, hi) = values
+        .par_chunks(CHUNK)
+        .map(|c| {
+            c.iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                    (a.min(f64::from(*v)), b.max(f64::from(*v)))
+                })
+        })
+        .reduce(
+            || (f64::INFINITY, f64::NEG_INFINITY),
+            |a, b| (a.0.min(b.0), a.1.max(b.1)),
+        );
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
+        return None;
+    }
+    let width = (hi - lo) / BINS as f64;
+    let bin = |v: f32| (((f64::from(v) - lo) / width) as usize).min(BINS - 1);
+    let hist = values
+        .par_chunks(CHUNK)
+        .map(|c| {
+            let mut h = [0u64; BINS];
+            for v in c {
+                h[bin(*v)] += 1;
+            }
+            h
+        })
+        .reduce(
+            || [0u64; BINS],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    let total = values.len() as f64;
+    let sum_all: f64 = hist
+        .iter()
+        .enumerate()
+        .map(|(i, n)| i as f64 * *n as f64)
+        .sum();
+    let (mut below, mut sum_below) = (0.0, 0.0);
+    let (mut best, mut best_cut) = (-1.0, 0);
+    for (i, n) in hist.iter().enumerate().take(BINS - 1) {
+        below += *n as f64;
+        sum_below += i as f64 * *n as f64;
+        let above = total - below;
+        if below == 0.0 || above == 0.0 {
+            continue;
+        }
+        let gap = sum_below / below - (sum_all - sum_below) / above;
+        let between = below * above * gap * gap;
+        if between > best {
+            (best, best_cut) = (between, i);
+        }
+    }
+    Some(lo + (best_cut + 1) as f64 * width)
+}
+
+/// Mean and population std of the values `keep` selects, in f64 over two
+/// passes (mean, then squared deviations): one pass with a sum of squares
+/// loses everything on CT-sized offsets.
+fn mean_std(values: &[f32], keep: impl Fn(f32) -> bool + Sync) -> Option<(f64, f64)> {
     let (sum, count) = values
         .par_chunks(CHUNK)
         .map(|c| {
@@ -53,7 +133,7 @@ fn zscore(values: &mut [f32], nonzero: bool) {
         })
         .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     if count == 0 {
-        return;
+        return None;
     }
     let mean = sum / count as f64;
     let ss: f64 = values
@@ -65,7 +145,11 @@ fn zscore(values: &mut [f32], nonzero: bool) {
                 .sum::<f64>()
         })
         .sum();
-    let std = (ss / count as f64).sqrt();
+    Some((mean, (ss / count as f64).sqrt()))
+}
+
+/// A zero std only subtracts the mean.
+fn apply_zscore(values: &mut [f32], mean: f64, std: f64, keep: impl Fn(f32) -> bool + Sync) {
     let inv = if std > 0.0 { 1.0 / std } else { 1.0 };
     values.par_chunks_mut(CHUNK).for_each(|c| {
         for v in c.iter_mut().filter(|v| keep(**v)) {

@@ -64,6 +64,12 @@ pub enum Normalization {
         #[serde(default)]
         nonzero: bool,
     },
+    /// `(v - mean) / std` for every voxel, with the statistics of the
+    /// head alone: the voxels above the channel's Otsu threshold (256 bins
+    /// between its minimum and maximum). Unlike the whole-volume z-score it
+    /// does not depend on how much air the field of view holds.
+    #[serde(rename = "head_zscore")]
+    HeadZscore,
     /// A window between two percentiles (in percent, e.g. 0.5 and 99.5),
     /// computed per channel with linear interpolation like `numpy.percentile`.
     Percentile { lo: f64, hi: f64 },
@@ -222,7 +228,7 @@ fn check_spec(spec: &PreprocessSpec) -> Result<(), PreprocessError> {
                 )));
             }
         }
-        Normalization::None | Normalization::Zscore { .. } => {}
+        Normalization::None | Normalization::Zscore { .. } | Normalization::HeadZscore => {}
     }
     if let Some(t) = spec.target_spacing
         && t.iter().any(|v| !(v.is_finite() && *v > 0.0))

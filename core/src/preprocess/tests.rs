@@ -434,6 +434,64 @@ fn zscore_values_hand_checked() {
 }
 
 #[test]
+fn head_zscore_ignores_how_much_air_surrounds_the_head() {
+    // A "head" of values 100..=199 inside air of 0..=4: Otsu's cut falls
+    // between the two, so the stats are the head's (mean 149.5) however
+    // many air voxels there are.
+    let head: Vec<f32> = (100..200).map(|v| v as f32).collect();
+    let with_air = |n: usize| {
+        let mut v: Vec<f32> = (0..n).map(|i| (i % 5) as f32).collect();
+        v.extend(&head);
+        normalize(&mut v, &Normalization::HeadZscore);
+        v
+    };
+    let small = with_air(50);
+    let large = with_air(5000);
+    let std = (head
+        .iter()
+        .map(|v| (f64::from(*v) - 149.5).powi(2))
+        .sum::<f64>()
+        / 100.0)
+        .sqrt();
+    for (i, h) in head.iter().enumerate() {
+        let want = (f64::from(*h) - 149.5) / std;
+        assert!((f64::from(small[50 + i]) - want).abs() < 1e-5, "{i}");
+        assert!((f64::from(large[5000 + i]) - want).abs() < 1e-5, "{i}");
+    }
+    // Air is changed too: dark and well below the head.
+    assert!((f64::from(small[0]) - (0.0 - 149.5) / std).abs() < 1e-5);
+    let raw: Vec<f32> = (0..50)
+        .map(|i| (i % 5) as f32)
+        .chain(head.clone())
+        .collect();
+    let t = otsu_threshold(&raw).unwrap();
+    assert!(t > 4.0 && t <= 100.0, "{t}");
+
+    // A constant channel has no threshold and is left alone.
+    let mut v = [7.0f32; 4];
+    normalize(&mut v, &Normalization::HeadZscore);
+    assert_eq!(v, [7.0; 4]);
+    // Whole-volume z-score, for contrast, moves with the air.
+    let mut a: Vec<f32> = (0..50)
+        .map(|i| (i % 5) as f32)
+        .chain(head.clone())
+        .collect();
+    let mut b: Vec<f32> = (0..5000)
+        .map(|i| (i % 5) as f32)
+        .chain(head.clone())
+        .collect();
+    normalize(&mut a, &Normalization::Zscore { nonzero: false });
+    normalize(&mut b, &Normalization::Zscore { nonzero: false });
+    assert!((a[50] - b[5000]).abs() > 0.5);
+}
+
+#[test]
+fn head_zscore_is_spelled_head_zscore_in_manifests() {
+    let n: Normalization = serde_json::from_str(r#"{"kind":"head_zscore"}"#).unwrap();
+    assert_eq!(n, Normalization::HeadZscore);
+}
+
+#[test]
 fn percentiles_match_numpy() {
     // numpy.percentile(np.arange(101.), [0.5, 99.5]) == [0.5, 99.5]
     let v: Vec<f32> = (0..=100).rev().map(|i| i as f32).collect();

@@ -134,15 +134,27 @@ pub trait Dataset: Send + Sync {
     /// Names of the image channels, in channel order; may be empty when
     /// the dataset does not say.
     fn modality(&self) -> &[String];
-    /// Read `case` and preprocess image and label alike with `spec`. The
-    /// label is also read under `limits`, except that non-finite values are
-    /// always refused: a NaN label cannot be repaired by zeroing it.
+    /// Read `case` as stored, its label map checked against the labels.
+    /// The label is also read under `limits`, except that non-finite values
+    /// are always refused: a NaN label cannot be repaired by zeroing it.
+    fn read(&self, case: &Case, limits: &ReadLimits) -> Result<StoredCase, DatasetError>;
+    /// Read `case` and preprocess image and label alike with `spec`.
     fn load(
         &self,
         case: &Case,
         spec: &PreprocessSpec,
         limits: &ReadLimits,
-    ) -> Result<PreparedCase, DatasetError>;
+    ) -> Result<PreparedCase, DatasetError> {
+        prepare(self.read(case, limits)?, spec)
+    }
+}
+
+/// A case as stored on disk: the image and its label map on one grid.
+#[derive(Clone, Debug)]
+pub struct StoredCase {
+    pub case: Case,
+    pub image: Volume,
+    pub label: Array3<u8>,
 }
 
 /// Open `path` as a dataset: MSD when it is a folder holding `dataset.json`
@@ -287,14 +299,9 @@ impl Dataset for MsdDataset {
         &self.modality
     }
 
-    fn load(
-        &self,
-        case: &Case,
-        spec: &PreprocessSpec,
-        limits: &ReadLimits,
-    ) -> Result<PreparedCase, DatasetError> {
+    fn read(&self, case: &Case, limits: &ReadLimits) -> Result<StoredCase, DatasetError> {
         let source = format!("the labels of {}", self.manifest.display());
-        load_case(case, spec, limits, &self.labels, &self.modality, &source)
+        read_case(case, limits, &self.labels, &self.modality, &source)
     }
 }
 
@@ -436,12 +443,7 @@ impl Dataset for PairsDataset {
         &[]
     }
 
-    fn load(
-        &self,
-        case: &Case,
-        spec: &PreprocessSpec,
-        limits: &ReadLimits,
-    ) -> Result<PreparedCase, DatasetError> {
+    fn read(&self, case: &Case, limits: &ReadLimits) -> Result<StoredCase, DatasetError> {
         let source = match &self.labels_file {
             Some(p) => format!("{}", p.display()),
             None => format!(
@@ -449,7 +451,7 @@ impl Dataset for PairsDataset {
                 self.root.display()
             ),
         };
-        load_case(case, spec, limits, &self.labels, &[], &source)
+        read_case(case, limits, &self.labels, &[], &source)
     }
 }
 
@@ -510,16 +512,15 @@ impl SplitMix64 {
     }
 }
 
-/// Read and preprocess one case; `labels_source` says where the label
+/// Read one case as stored; `labels_source` says where the label
 /// names came from, for the error when a label value has no name.
-fn load_case(
+fn read_case(
     case: &Case,
-    spec: &PreprocessSpec,
     limits: &ReadLimits,
     labels: &[String],
     modality: &[String],
     labels_source: &str,
-) -> Result<PreparedCase, DatasetError> {
+) -> Result<StoredCase, DatasetError> {
     let image = read_volume(&case.image, limits)?;
     if !modality.is_empty() && image.channels() != modality.len() {
         return Err(DatasetError::Invalid {
@@ -546,8 +547,21 @@ fn load_case(
         });
     }
     check_same_grid(case, &image, &label)?;
-    let original_label = label_values(&case.label, label, labels, labels_source)?;
+    let label = label_values(&case.label, label, labels, labels_source)?;
+    Ok(StoredCase {
+        case: case.clone(),
+        image,
+        label,
+    })
+}
 
+/// Preprocess a stored case's image and label alike with `spec`.
+pub fn prepare(stored: StoredCase, spec: &PreprocessSpec) -> Result<PreparedCase, DatasetError> {
+    let StoredCase {
+        case,
+        image,
+        label: original_label,
+    } = stored;
     let (prepared, inverse) =
         preprocess(&image, spec).map_err(|source| DatasetError::Preprocess {
             path: case.image.clone(),
@@ -561,7 +575,7 @@ fn load_case(
         }
     })?;
     Ok(PreparedCase {
-        id: case.id.clone(),
+        id: case.id,
         image: prepared,
         label,
         inverse,

@@ -6,5 +6,6 @@ pub mod calib;
 pub mod dataset;
 
 pub use dataset::{
-    Case, Dataset, DatasetError, MsdDataset, PairsDataset, PreparedCase, open_dataset, split,
+    Case, Dataset, DatasetError, MsdDataset, PairsDataset, PreparedCase, StoredCase, open_dataset,
+    prepare, split,
 };

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::ModelShape;
 use crate::train::sample::Augment;
+use crate::train::variants::Variants;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +38,11 @@ pub struct DataConfig {
     /// overlapping subjects) the held-out ones must be chosen, not drawn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub validation_cases: Vec<String>,
+    /// Case ids kept out of training and out of checkpoint selection: the
+    /// scans a model is reported on, and copies of a head already used
+    /// (one head counted once). The trainer never reads them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_out_cases: Vec<String>,
 }
 
 fn default_val_fraction() -> f64 {
@@ -85,6 +91,11 @@ pub struct LoopConfig {
     pub batch: usize,
     #[serde(default = "default_lr")]
     pub lr: f64,
+    /// Peak learning rate of the pretrained encoder, when it should move
+    /// slower than the new decoder (TransSeg: 10x lower); `lr` if unset.
+    /// The warm-up and decay scale both alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_lr: Option<f64>,
     #[serde(default)]
     pub warmup: usize,
     #[serde(default = "default_decay")]
@@ -107,6 +118,8 @@ pub struct LoopConfig {
     pub edge_prob: f64,
     #[serde(default)]
     pub augment: Augment,
+    #[serde(default)]
+    pub variants: Variants,
     /// Where checkpoints, metrics and plots go.
     pub out: PathBuf,
     /// burn device (flex, ndarray, cuda, wgpu).
@@ -178,6 +191,23 @@ impl TrainConfig {
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             return Err(format!("train.lr must be positive, got {}", t.lr));
+        }
+        if let Some(e) = t.encoder_lr
+            && !(e > 0.0 && e.is_finite())
+        {
+            return Err(format!("train.encoder_lr must be positive, got {e}"));
+        }
+        t.variants.check()?;
+        let data = &self.data;
+        if let Some(both) = data
+            .validation_cases
+            .iter()
+            .find(|c| data.held_out_cases.contains(c))
+        {
+            return Err(format!(
+                "data: {both:?} is both a validation case (used to pick the checkpoint) \
+                 and held out (never used)"
+            ));
         }
         if !(0.0..=1.0).contains(&t.edge_prob) {
             return Err(format!(

@@ -8,6 +8,7 @@ pub mod loss;
 pub mod plot;
 pub mod runtime_model;
 pub mod sample;
+pub mod variants;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ use tracing::info;
 
 use crate::assemble::{BuildOptions, build};
 use crate::checkpoint;
-use crate::data::{Case, Dataset, open_dataset, split};
+use crate::data::{Case, Dataset, open_dataset, prepare, split};
 use crate::export::{RuntimeSpec, manifest_for};
 use crate::import::{ImportOptions, load_vit2d_with};
 use crate::inflate::Init;
@@ -305,17 +306,18 @@ fn load_snapshot(out: &Path, device: &Device) -> Result<Option<Snapshot>, TrainE
     Ok(Some((model, record, state)))
 }
 
-/// Holds out the named cases; every name must exist, so a typo cannot
-/// silently train on the validation subject.
+/// Splits off the named cases (second) from the rest (first); every name
+/// must exist, so a typo cannot silently train on a held-out subject.
 fn split_by_id(
     cases: &[Case],
     names: &[String],
+    key: &str,
     dir: &Path,
 ) -> Result<(Vec<Case>, Vec<Case>), TrainError> {
     if let Some(missing) = names.iter().find(|n| !cases.iter().any(|c| &c.id == *n)) {
         let known: Vec<&str> = cases.iter().map(|c| c.id.as_str()).collect();
         return Err(TrainError::Other(format!(
-            "{}: data.validation_cases names {missing:?}, which is not a case (cases: {})",
+            "{}: data.{key} names {missing:?}, which is not a case (cases: {})",
             dir.display(),
             known.join(", ")
         )));
@@ -336,14 +338,21 @@ fn run(
 
     // Data: the same preprocessing code as inference.
     let dataset = open_dataset(&cfg.data.dir)?;
+    let (usable, _) = split_by_id(
+        dataset.cases(),
+        &cfg.data.held_out_cases,
+        "held_out_cases",
+        &cfg.data.dir,
+    )?;
     let (train_cases, val_cases) = if cfg.data.validation_cases.is_empty() {
-        split(
-            dataset.cases(),
-            cfg.data.validation_fraction,
-            cfg.data.split_seed,
-        )
+        split(&usable, cfg.data.validation_fraction, cfg.data.split_seed)
     } else {
-        split_by_id(dataset.cases(), &cfg.data.validation_cases, &cfg.data.dir)?
+        split_by_id(
+            &usable,
+            &cfg.data.validation_cases,
+            "validation_cases",
+            &cfg.data.dir,
+        )?
     };
     if train_cases.is_empty() {
         return Err(TrainError::Other(format!(
@@ -359,10 +368,10 @@ fn run(
         classes,
         "dataset"
     );
-    let train: Vec<TrainCase> = train_cases
-        .iter()
-        .map(|c| load_case(dataset.as_ref(), c, cfg, &limits))
-        .collect::<Result<_, _>>()?;
+    let mut train: Vec<TrainCase> = Vec::new();
+    for c in &train_cases {
+        train.extend(load_case(dataset.as_ref(), c, cfg, &limits)?);
+    }
     let val: Vec<ValCase> = val_cases
         .iter()
         .map(|c| {
@@ -437,10 +446,20 @@ fn run(
     let csv_path = t.out.join("metrics.csv");
     let mut kept_rows = Vec::new();
     if resume && let Some((m, record, state)) = load_snapshot(&t.out, &device)? {
-        if state.config.model != cfg.model || state.config.data != cfg.data {
+        // Anything that shapes the run (the schedule's length, the
+        // variants, the preprocessing) must match, or the result would
+        // not be the uninterrupted run's; only the output folder may be
+        // spelt differently.
+        let mut saved = state.config.clone();
+        saved.train.out.clone_from(&t.out);
+        if saved.model != cfg.model
+            || saved.data != cfg.data
+            || saved.preprocess != cfg.preprocess
+            || saved.train != cfg.train
+        {
             return Err(TrainError::Other(format!(
-                "{}: the saved run used a different model or data configuration; \
-                 use another output folder",
+                "{}: the saved run used a different configuration; resume it with its own \
+                 (see the snapshot's state), or use another output folder",
                 t.out.display()
             )));
         }
@@ -518,8 +537,21 @@ fn run(
         }
         last_loss = value;
         loss_history.push(((step + 1) as f64, value));
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(lr, model, grads);
+        let mut grads = loss.backward();
+        match t.encoder_lr {
+            // Two steps over disjoint parameters: AdamW moves only what has
+            // a gradient, so each group gets its own rate (and its own clip).
+            Some(encoder_lr) => {
+                let encoder = GradientsParams::from_module(&mut grads, &model.encoder);
+                let decoder = GradientsParams::from_module(&mut grads, &model.decoder);
+                model = optim.step(lr * encoder_lr / t.lr, model, encoder);
+                model = optim.step(lr, model, decoder);
+            }
+            None => {
+                let grads = GradientsParams::from_grads(grads, &model);
+                model = optim.step(lr, model, grads);
+            }
+        }
 
         let validate_now = (step + 1) % t.val_every == 0 || step + 1 == t.steps;
         let mut val_cell = String::new();
@@ -589,12 +621,32 @@ fn run(
     Ok(summary)
 }
 
+/// A training case and its acquisition variants, preprocessed.
 fn load_case(
     dataset: &dyn Dataset,
     case: &Case,
     cfg: &TrainConfig,
     limits: &ReadLimits,
-) -> Result<TrainCase, TrainError> {
-    let p = dataset.load(case, &cfg.preprocess, limits)?;
-    Ok(TrainCase::new(case.id.clone(), p.image.data, p.label))
+) -> Result<Vec<TrainCase>, TrainError> {
+    let stored = dataset.read(case, limits)?;
+    let v = &cfg.train.variants;
+    let mut out = Vec::with_capacity(1 + v.per_case);
+    for index in 0..v.per_case {
+        let variant = v
+            .make(&stored, index, cfg.train.seed ^ stable_hash(&case.id))
+            .map_err(|e| TrainError::Other(format!("{}: a variant: {e}", case.image.display())))?;
+        let p = prepare(variant, &cfg.preprocess)?;
+        out.push(TrainCase::new(p.id, p.image.data, p.label));
+    }
+    let p = prepare(stored, &cfg.preprocess)?;
+    out.push(TrainCase::new(p.id, p.image.data, p.label));
+    info!(case = %case.id, variants = v.per_case, "loaded");
+    Ok(out)
+}
+
+/// FNV-1a: a seed from a case id that no Rust version changes.
+fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
