@@ -21,6 +21,7 @@ phase() { # records the time since the previous phase under "$1"
 
 ./scripts/fetch-data.sh --vit
 ./scripts/fetch-train-data.sh  # brain T1 + masks: the default model's held-out Dice tests
+./scripts/fetch-dicom-data.sh  # real DICOM series (pydicom's pcir.org sets): infl8-dicom's tests
 # CPU ONNX Runtime for the ort plugin tests (.cache/onnxruntime/cpu/), also
 # installed into the per-user data folder where the ort plugin finds it.
 ./scripts/fetch-ort.sh

@@ -424,3 +424,42 @@ fn a_volume_in_a_worker_process_gives_the_same_labels() {
     assert_eq!(inproc.data, worker.data);
     assert_eq!(inproc.affine, worker.affine);
 }
+
+/// A folder holding a real DICOM series (PyPI pydicom's 5-slice CT,
+/// scripts/fetch-dicom-data.sh) is segmented as one volume: the labels land
+/// on the series' own grid, as infl8-dicom reads it. Series that are not one
+/// volume, and a `--series` the folder lacks, fail naming the problem,
+/// without output.
+#[test]
+fn a_dicom_series_folder_is_segmented_on_its_own_grid() {
+    let sets = infl8_suite::repo_root()
+        .join(".cache/dicom-data/pydicom-3.0.2/pydicom/data/test_files/dicomdirtests");
+    let ct = sets.join("98892001/CT5N");
+    assert!(ct.is_dir(), "run scripts/fetch-dicom-data.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let model = example_model(dir.path(), 16);
+    let out = dir.path().join("ct.nii.gz");
+    ok(&segment(&model, &ct, &out, &[]));
+    let labels = nifti_io::read_volume(&out, &ReadLimits::default()).unwrap();
+    let series = infl8_dicom::scan_folder(&ct).unwrap();
+    let vol = infl8_dicom::read_series(&series[0]).unwrap();
+    assert_eq!(labels.dims(), vol.dims());
+    assert!(
+        (labels.affine - vol.affine).abs().max() < 1e-4,
+        "{}",
+        labels.affine
+    );
+
+    let bad = dir.path().join("bad.nii.gz");
+    let o = segment(&model, &sets.join("77654033/CT2"), &bad, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("uneven slice spacing"),
+        "{err}"
+    );
+    assert!(!bad.exists());
+    let o = segment(&model, &ct, &bad, &["--series", "1.2.3"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("series 1.2.3"), "{err}");
+    assert!(!bad.exists());
+}

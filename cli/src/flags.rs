@@ -36,9 +36,13 @@ pub struct SegmentArgs {
     /// ONNX model (with an infl8 manifest, or settings given as flags).
     #[arg(long, value_name = "MODEL.onnx")]
     pub model: PathBuf,
-    /// Input NIfTI file, or a folder of them.
+    /// Input NIfTI file, or a folder of them, or a folder holding a DICOM
+    /// series (the largest one there unless `--series` names one).
     #[arg(long, value_name = "IN.nii[.gz]|DIR")]
     pub input: PathBuf,
+    /// With a DICOM folder: the SeriesInstanceUID of the series to segment.
+    #[arg(long, value_name = "UID")]
+    pub series: Option<String>,
     /// Output label file (uint8 NIfTI), or a folder when the input is one.
     #[arg(long, value_name = "OUT.nii.gz|DIR")]
     pub output: PathBuf,

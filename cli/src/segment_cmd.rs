@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,6 +12,8 @@ use infl8_core::fsio;
 use infl8_core::nifti_io::ReadLimits;
 use infl8_core::preview::{self, PreviewOptions};
 use infl8_core::segment::SegmentReport;
+use infl8_core::volume::Volume;
+use ndarray::ArrayView3;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{error, info, warn};
@@ -29,6 +32,12 @@ struct Job {
     output: PathBuf,
     logits: Option<PathBuf>,
     preview: Option<PathBuf>,
+    /// `input` is a folder holding a DICOM series.
+    #[serde(default)]
+    dicom: bool,
+    /// The DICOM series to take (SeriesInstanceUID); the largest if none.
+    #[serde(default)]
+    series: Option<String>,
 }
 
 /// `name.nii.gz` / `name.nii` -> `name.png`.
@@ -36,8 +45,62 @@ fn preview_name(input_name: &std::ffi::OsStr) -> String {
     format!("{}.png", nifti_stem(input_name))
 }
 
+/// The one job of a folder that holds a DICOM series and no NIfTI file:
+/// one volume, so the outputs are files.
+fn dicom_job(a: &SegmentArgs) -> Result<Job> {
+    for p in std::iter::once(&a.output)
+        .chain(a.save_logits.as_ref())
+        .chain(a.preview.as_ref())
+    {
+        if p.is_dir() {
+            bail!(
+                "{} is a DICOM series, one volume: {} must be a file name, not a folder",
+                a.input.display(),
+                p.display()
+            );
+        }
+        if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create folder {}", parent.display()))?;
+        }
+    }
+    if !is_nifti(&a.output) {
+        bail!(
+            "output {}: the labels of a DICOM series are written as NIfTI; name it .nii.gz",
+            a.output.display()
+        );
+    }
+    Ok(Job {
+        input: a.input.clone(),
+        output: a.output.clone(),
+        logits: a.save_logits.clone(),
+        preview: a.preview.clone(),
+        dicom: true,
+        series: a.series.clone(),
+    })
+}
+
+/// A folder with no NIfTI file in it but DICOM images.
+fn holds_dicom_only(dir: &Path) -> Result<bool> {
+    let mut any_nifti = false;
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let p = e?.path();
+        any_nifti |= p.is_file() && is_nifti(&p);
+    }
+    Ok(!any_nifti && infl8_dicom::scan_folder(dir).is_ok())
+}
+
 /// The jobs for a file or a folder.
 fn jobs(a: &SegmentArgs) -> Result<Vec<Job>> {
+    if a.input.is_dir() && holds_dicom_only(&a.input)? {
+        return Ok(vec![dicom_job(a)?]);
+    }
+    if let Some(uid) = &a.series {
+        bail!(
+            "--series {uid}: {} is not a folder of DICOM images",
+            a.input.display()
+        );
+    }
     if !a.input.is_dir() {
         if !a.input.exists() {
             bail!("input {} does not exist", a.input.display());
@@ -68,6 +131,8 @@ fn jobs(a: &SegmentArgs) -> Result<Vec<Job>> {
             output: a.output.clone(),
             logits: a.save_logits.clone(),
             preview: a.preview.clone(),
+            dicom: false,
+            series: None,
         }]);
     }
     std::fs::create_dir_all(&a.output)
@@ -87,7 +152,10 @@ fn jobs(a: &SegmentArgs) -> Result<Vec<Job>> {
         .collect();
     inputs.sort();
     if inputs.is_empty() {
-        bail!("no .nii or .nii.gz files in {}", a.input.display());
+        bail!(
+            "no .nii or .nii.gz files, and no DICOM series, in {}",
+            a.input.display()
+        );
     }
     let jobs: Vec<Job> = inputs
         .into_iter()
@@ -98,6 +166,8 @@ fn jobs(a: &SegmentArgs) -> Result<Vec<Job>> {
                 logits: a.save_logits.as_ref().map(|d| d.join(&name)),
                 preview: a.preview.as_ref().map(|d| d.join(preview_name(&name))),
                 input: p,
+                dicom: false,
+                series: None,
             })
         })
         .collect();
@@ -294,6 +364,23 @@ pub fn segment(a: SegmentArgs) -> Result<ExitCode> {
 
 /// One volume with the model this process loaded, a progress bar labelled
 /// `label` on stderr while it runs.
+/// The series of a DICOM folder as a volume (the one named, or the
+/// largest), logged like a NIfTI input's header.
+fn read_dicom(dir: &Path, series: Option<&str>) -> Result<Volume> {
+    let all = infl8_dicom::scan_folder(dir)?;
+    let chosen = infl8_dicom::choose_series(&all, series, dir)?;
+    let vol = infl8_dicom::read_series(chosen)?;
+    info!(
+        input = %log_path(dir),
+        series = %log_safe(&chosen.uid),
+        modality = %log_safe(&chosen.modality),
+        slices = chosen.files.len(),
+        dims = ?vol.dims(),
+        "DICOM series read"
+    );
+    Ok(vol)
+}
+
 fn in_process(prepared: &Engine, limits: &ReadLimits, job: &Job, label: &str) -> Result<Done> {
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -309,19 +396,23 @@ fn in_process(prepared: &Engine, limits: &ReadLimits, job: &Job, label: &str) ->
         bar.set_position(done);
     };
     let mut preview_result = None;
-    let result = prepared.segment_file_with(
-        &job.input,
-        &job.output,
-        job.logits.as_deref(),
-        limits,
-        &progress,
-        |vol, labels| {
-            if let Some(path) = &job.preview {
-                let opts = PreviewOptions::default();
-                preview_result = Some(preview::write_preview_png(path, vol, labels, &opts));
-            }
-        },
-    );
+    let written = |vol: &Volume, labels: ArrayView3<u8>| {
+        if let Some(path) = &job.preview {
+            let opts = PreviewOptions::default();
+            preview_result = Some(preview::write_preview_png(path, vol, labels, &opts));
+        }
+    };
+    let (input, output, logits) = (&job.input, &job.output, job.logits.as_deref());
+    let result = if job.dicom {
+        let t0 = Instant::now();
+        let vol = read_dicom(input, job.series.as_deref())?;
+        let read_s = t0.elapsed().as_secs_f64();
+        prepared.segment_volume_with(
+            &vol, input, read_s, output, logits, limits, &progress, written,
+        )
+    } else {
+        prepared.segment_file_with(input, output, logits, limits, &progress, written)
+    };
     bar.finish_and_clear();
     let report = result?;
     info!(

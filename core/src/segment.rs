@@ -210,8 +210,29 @@ impl Segmenter {
     ) -> Result<SegmentReport, SegmentError> {
         let t0 = Instant::now();
         let vol = nifti_io::read_volume(input, limits)?;
+        let read_s = t0.elapsed().as_secs_f64();
+        self.segment_volume_with(
+            &vol, input, read_s, output, logits, limits, progress, written,
+        )
+    }
+
+    /// [`Segmenter::segment_file_with`] for a volume already in memory
+    /// (read from DICOM, say): `input` names it in messages and the
+    /// report, `read_s` is what reading it took.
+    #[allow(clippy::too_many_arguments)]
+    pub fn segment_volume_with(
+        &self,
+        vol: &Volume,
+        input: &Path,
+        read_s: f64,
+        output: &Path,
+        logits: Option<&Path>,
+        limits: &ReadLimits,
+        progress: &(dyn Fn(u64, u64) + Sync),
+        written: impl FnOnce(&Volume, ArrayView3<u8>),
+    ) -> Result<SegmentReport, SegmentError> {
         budget::check(
-            &vol,
+            vol,
             &self.manifest,
             self.model.as_ref(),
             self.window_batch,
@@ -228,14 +249,13 @@ impl Segmenter {
                 source,
             },
         })?;
-        let read_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let seg = self.segment(&vol, input, logits.is_some(), progress)?;
+        let seg = self.segment(vol, input, logits.is_some(), progress)?;
         let infer_s = t1.elapsed().as_secs_f64();
         let t2 = Instant::now();
-        nifti_io::write_labels(output, seg.labels.view(), &vol)?;
+        nifti_io::write_labels(output, seg.labels.view(), vol)?;
         if let (Some(path), Some(l)) = (logits, &seg.logits)
-            && let Err(e) = nifti_io::write_logits(path, l.view(), &vol)
+            && let Err(e) = nifti_io::write_logits(path, l.view(), vol)
         {
             let _ = std::fs::remove_file(output);
             return Err(e.into());
@@ -247,7 +267,7 @@ impl Segmenter {
             }
         }
         let write_s = t2.elapsed().as_secs_f64();
-        written(&vol, seg.labels.view());
+        written(vol, seg.labels.view());
         Ok(SegmentReport {
             input: input.to_path_buf(),
             output: output.to_path_buf(),

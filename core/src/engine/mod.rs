@@ -50,10 +50,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// [`Segmenter::segment_file_with`] within the deadline: it restarts
-    /// for this volume, and a failure once it has passed is the timeout
-    /// (the model refuses every call after it), not the error that
-    /// surfaced.
+    /// [`Segmenter::segment_file_with`] within the deadline, which
+    /// restarts for this volume.
     pub fn segment_file_with(
         &self,
         input: &Path,
@@ -64,15 +62,47 @@ impl Engine {
         written: impl FnOnce(&Volume, ArrayView3<u8>),
     ) -> Result<SegmentReport, SegmentError> {
         self.deadline.start();
-        self.segmenter
-            .segment_file_with(input, output, logits, limits, progress, written)
-            .map_err(|e| {
-                if self.deadline.expired() {
-                    SegmentError::TimedOut(self.deadline.error(input))
-                } else {
-                    e
-                }
-            })
+        let result = self
+            .segmenter
+            .segment_file_with(input, output, logits, limits, progress, written);
+        self.within_deadline(input, result)
+    }
+
+    /// [`Engine::segment_file_with`] for a volume already in memory (see
+    /// [`Segmenter::segment_volume_with`]); the deadline starts here.
+    #[allow(clippy::too_many_arguments)]
+    pub fn segment_volume_with(
+        &self,
+        vol: &Volume,
+        input: &Path,
+        read_s: f64,
+        output: &Path,
+        logits: Option<&Path>,
+        limits: &ReadLimits,
+        progress: &(dyn Fn(u64, u64) + Sync),
+        written: impl FnOnce(&Volume, ArrayView3<u8>),
+    ) -> Result<SegmentReport, SegmentError> {
+        self.deadline.start();
+        let result = self.segmenter.segment_volume_with(
+            vol, input, read_s, output, logits, limits, progress, written,
+        );
+        self.within_deadline(input, result)
+    }
+
+    /// A failure once the deadline has passed is the timeout (the model
+    /// refuses every call after it), not the error that surfaced.
+    fn within_deadline(
+        &self,
+        input: &Path,
+        result: Result<SegmentReport, SegmentError>,
+    ) -> Result<SegmentReport, SegmentError> {
+        result.map_err(|e| {
+            if self.deadline.expired() {
+                SegmentError::TimedOut(self.deadline.error(input))
+            } else {
+                e
+            }
+        })
     }
 }
 
