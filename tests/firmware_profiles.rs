@@ -296,6 +296,31 @@ fn tables_no_plugin_checks_pass_with_a_note_that_says_why() {
     );
 }
 
+/// A vendor's plugin judges its own table through the ABI: the SDK's Rust
+/// example, found beside the binary like any plugin.
+#[test]
+fn a_vendor_plugin_checks_its_own_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = failure(
+        dir.path(),
+        "vendor.toml",
+        "backend = \"example-rust\"\n[backend_options.example-rust]\nbogus = 1\n",
+    );
+    assert!(
+        all.contains("backend_options.example-rust.bogus: the example plugin reads no options"),
+        "{all}"
+    );
+    let out = passing(
+        dir.path(),
+        "vendor-ok.toml",
+        "backend = \"example-rust\"\nprecision = \"fp16\"\n",
+    );
+    assert!(
+        out.contains("note: precision: fp16 is not honoured; the example runs fp32"),
+        "{out}"
+    );
+}
+
 #[test]
 fn one_bad_file_fails_the_run_and_the_others_are_still_checked() {
     let dir = tempfile::tempdir().unwrap();

@@ -100,8 +100,8 @@ impl ModelArgs {
     }
 
     /// The same flags as overrides, for tools that take no config file.
-    pub fn overrides(&self) -> Result<ModelOverrides, String> {
-        serde_json::from_value(Value::Object(self.layer())).map_err(|e| e.to_string())
+    pub fn overrides(&self) -> Result<ModelOverrides, serde_json::Error> {
+        serde_json::from_value(Value::Object(self.layer()))
     }
 }
 

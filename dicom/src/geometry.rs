@@ -33,6 +33,11 @@ pub struct SliceGeometry {
     pub columns: usize,
 }
 
+/// Why slices do not make one volume (the message names the slices).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct GeometryError(pub String);
+
 /// The volume the slices make.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Geometry {
@@ -54,7 +59,13 @@ fn v3(a: &[f64]) -> Vector3<f64> {
 impl Geometry {
     /// The volume of `slices` (each with a name for messages), or why they
     /// do not make one.
-    pub fn from_slices<N: Display>(slices: &[(SliceGeometry, N)]) -> Result<Geometry, String> {
+    pub fn from_slices<N: Display>(
+        slices: &[(SliceGeometry, N)],
+    ) -> Result<Geometry, GeometryError> {
+        Self::build(slices).map_err(GeometryError)
+    }
+
+    fn build<N: Display>(slices: &[(SliceGeometry, N)]) -> Result<Geometry, String> {
         let Some((first, first_name)) = slices.first() else {
             return Err("no slices".into());
         };
@@ -261,8 +272,9 @@ mod tests {
 
     #[test]
     fn stacks_that_are_not_one_volume_are_refused_naming_the_files() {
-        let e =
-            Geometry::from_slices(&named(vec![slice(0.0, AXIAL), slice(0.0, AXIAL)])).unwrap_err();
+        let e = Geometry::from_slices(&named(vec![slice(0.0, AXIAL), slice(0.0, AXIAL)]))
+            .unwrap_err()
+            .0;
         assert!(e.contains("f0 and f1 are at the same position"), "{e}");
 
         let gap = named(vec![
@@ -271,12 +283,13 @@ mod tests {
             slice(6.0, AXIAL),
             slice(8.0, AXIAL),
         ]);
-        let e = Geometry::from_slices(&gap).unwrap_err();
+        let e = Geometry::from_slices(&gap).unwrap_err().0;
         assert!(e.contains("1 slice(s) missing between f1 and f2"), "{e}");
 
         let coronal = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0];
         let e = Geometry::from_slices(&named(vec![slice(0.0, AXIAL), slice(2.0, coronal)]))
-            .unwrap_err();
+            .unwrap_err()
+            .0;
         assert!(e.contains("mixed orientations: f1"), "{e}");
 
         // Each slice shifted along y as z grows: a tilted gantry.
@@ -286,15 +299,19 @@ mod tests {
                 ..slice(0.0, AXIAL)
             })
             .collect();
-        let e = Geometry::from_slices(&named(tilted)).unwrap_err();
+        let e = Geometry::from_slices(&named(tilted)).unwrap_err().0;
         assert!(e.contains("gantry tilt"), "{e}");
 
         let mut other = slice(2.0, AXIAL);
         other.rows = 5;
-        let e = Geometry::from_slices(&named(vec![slice(0.0, AXIAL), other])).unwrap_err();
+        let e = Geometry::from_slices(&named(vec![slice(0.0, AXIAL), other]))
+            .unwrap_err()
+            .0;
         assert!(e.contains("two grids"), "{e}");
 
-        let e = Geometry::from_slices(&named(vec![slice(0.0, AXIAL)])).unwrap_err();
+        let e = Geometry::from_slices(&named(vec![slice(0.0, AXIAL)]))
+            .unwrap_err()
+            .0;
         assert!(e.contains("at least two"), "{e}");
     }
 }

@@ -30,7 +30,7 @@ use ndarray::Array4;
 
 use infl8_core::volume::Volume;
 
-pub use geometry::{Geometry, SliceGeometry};
+pub use geometry::{Geometry, GeometryError, SliceGeometry};
 
 /// Why a folder or a series cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -249,9 +249,9 @@ pub fn read_series(series: &SeriesInfo) -> Result<Volume, DicomError> {
         let obj = open_header(path)?;
         slices.push((slice_geometry(&obj, path)?, path.display().to_string()));
     }
-    let geometry = Geometry::from_slices(&slices).map_err(|detail| DicomError::Series {
+    let geometry = Geometry::from_slices(&slices).map_err(|e| DicomError::Series {
         series: series.uid.clone(),
-        detail,
+        detail: e.0,
     })?;
     let (rows, columns) = (geometry.rows, geometry.columns);
     let depth = geometry.order.len();

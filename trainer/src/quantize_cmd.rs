@@ -103,7 +103,10 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     } else {
         a.exclude.clone()
     };
-    let overrides = a.model_flags.overrides().map_err(anyhow::Error::msg)?;
+    let overrides = a
+        .model_flags
+        .overrides()
+        .context("the model flags do not make valid settings")?;
     let opts = Options {
         method,
         op_types: a.op_types.clone(),

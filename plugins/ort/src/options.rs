@@ -4,10 +4,9 @@
 //! strings, or as numbers and booleans where the config layer could parse
 //! them), so booleans and integers are accepted in either form.
 //!
-//! This file is also compiled into `infl8 config check` (cli/src/
-//! config_check.rs, by `#[path]`) so profiles are checked by this very
-//! parser without the CLI linking the plugin: it uses nothing of the plugin
-//! but `super::Provider`, and only infl8-backend, serde_json and thiserror.
+//! `infl8 config check` runs this very parser through the plugin ABI's
+//! `options_check` (`OrtBackend::check_options`), so a profile is judged
+//! by the code that will read it.
 
 use std::path::PathBuf;
 

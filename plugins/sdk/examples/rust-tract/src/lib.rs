@@ -11,7 +11,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use infl8_backend::batch::Split;
-use infl8_backend::{Backend, BackendError, Dim, LoadOptions, Model, Tensor, TensorInfo};
+use infl8_backend::{
+    Backend, BackendError, Dim, LoadOptions, Model, PRECISION_KEY, Precision, Tensor, TensorInfo,
+};
 use tract_onnx::prelude::{
     Datum, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TractError,
     TypedRunnableModel, tvec,
@@ -39,6 +41,25 @@ impl Backend for ExampleBackend {
 
     fn load(&self, model: &Path, _opts: &LoadOptions) -> Result<Box<dyn Model>, BackendError> {
         Ok(Box::new(ExampleModel::load(model)?))
+    }
+
+    /// `infl8 config check` asks this (plugin ABI 1.2) for a profile's
+    /// `backend_options.example-rust`: the example reads no option, so any
+    /// key but the precision every backend of a chain receives is an error,
+    /// named as `key: problem`.
+    fn check_options(&self, opts: &LoadOptions) -> Result<Vec<String>, BackendError> {
+        if let Some(key) = opts.extra.keys().find(|k| k.as_str() != PRECISION_KEY) {
+            return Err(BackendError::InvalidArgument(format!(
+                "{key}: the example plugin reads no options"
+            )));
+        }
+        Ok(match opts.requested_precision()? {
+            Precision::Fp32 => vec![],
+            p => vec![format!(
+                "{PRECISION_KEY}: {} is not honoured; the example runs fp32",
+                p.as_str()
+            )],
+        })
     }
 }
 
