@@ -407,11 +407,15 @@ fn in_process(prepared: &Engine, limits: &ReadLimits, job: &Job, label: &str) ->
         let t0 = Instant::now();
         let vol = read_dicom(input, job.series.as_deref())?;
         let read_s = t0.elapsed().as_secs_f64();
-        prepared.segment_volume_with(
-            &vol, input, read_s, output, logits, limits, &progress, written,
-        )
+        prepared.within_deadline(input, |s| {
+            s.segment_volume_with(
+                &vol, input, read_s, output, logits, limits, &progress, written,
+            )
+        })
     } else {
-        prepared.segment_file_with(input, output, logits, limits, &progress, written)
+        prepared.within_deadline(input, |s| {
+            s.segment_file_with(input, output, logits, limits, &progress, written)
+        })
     };
     bar.finish_and_clear();
     let report = result?;

@@ -43,14 +43,9 @@ pub(super) fn worker(a: &WatchArgs, job: &str) -> ExitCode {
         say_loaded(&prepared.backend, &prepared.library);
         let t1 = Instant::now();
         let limits = settings.limits.read_limits();
-        let r = prepared.segment_file_with(
-            &job.input,
-            &job.output,
-            None,
-            &limits,
-            &|_, _| {},
-            |_, _| {},
-        )?;
+        let r = prepared.within_deadline(&job.input, |s| {
+            s.segment_file(&job.input, &job.output, None, &limits, &|_, _| {})
+        })?;
         let report = json!({
             "input": job.name,
             "input_sha256": job.sha256,

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use infl8_backend::{Backend, Model};
-use ndarray::ArrayView3;
 use tracing::{info, warn};
 
 pub use limits::{
@@ -20,10 +19,8 @@ pub use limits::{
 
 use crate::config::Settings;
 use crate::manifest::{self, ManifestError};
-use crate::nifti_io::ReadLimits;
 use crate::plugin::{ChainError, PluginHost};
-use crate::segment::{SegmentError, SegmentReport, Segmenter};
-use crate::volume::Volume;
+use crate::segment::{SegmentError, Segmenter};
 
 /// Why a model cannot be opened for a run.
 #[derive(Debug, thiserror::Error)]
@@ -45,58 +42,22 @@ pub struct Engine {
     pub backend: String,
     /// The plugin library that backend came from.
     pub library: PathBuf,
-    /// Restarted by [`Engine::segment_file_with`] for each volume.
+    /// Restarted by [`Engine::within_deadline`] for each volume.
     pub deadline: Deadline,
 }
 
 impl Engine {
-    /// [`Segmenter::segment_file_with`] within the deadline, which
-    /// restarts for this volume.
-    pub fn segment_file_with(
+    /// Runs one volume's `work` on the segmenter within the deadline, which
+    /// restarts for it. A failure once the deadline has passed is the
+    /// timeout (the model refuses every call after it), not the error that
+    /// surfaced.
+    pub fn within_deadline<T>(
         &self,
         input: &Path,
-        output: &Path,
-        logits: Option<&Path>,
-        limits: &ReadLimits,
-        progress: &(dyn Fn(u64, u64) + Sync),
-        written: impl FnOnce(&Volume, ArrayView3<u8>),
-    ) -> Result<SegmentReport, SegmentError> {
+        work: impl FnOnce(&Segmenter) -> Result<T, SegmentError>,
+    ) -> Result<T, SegmentError> {
         self.deadline.start();
-        let result = self
-            .segmenter
-            .segment_file_with(input, output, logits, limits, progress, written);
-        self.within_deadline(input, result)
-    }
-
-    /// [`Engine::segment_file_with`] for a volume already in memory (see
-    /// [`Segmenter::segment_volume_with`]); the deadline starts here.
-    #[allow(clippy::too_many_arguments)]
-    pub fn segment_volume_with(
-        &self,
-        vol: &Volume,
-        input: &Path,
-        read_s: f64,
-        output: &Path,
-        logits: Option<&Path>,
-        limits: &ReadLimits,
-        progress: &(dyn Fn(u64, u64) + Sync),
-        written: impl FnOnce(&Volume, ArrayView3<u8>),
-    ) -> Result<SegmentReport, SegmentError> {
-        self.deadline.start();
-        let result = self.segmenter.segment_volume_with(
-            vol, input, read_s, output, logits, limits, progress, written,
-        );
-        self.within_deadline(input, result)
-    }
-
-    /// A failure once the deadline has passed is the timeout (the model
-    /// refuses every call after it), not the error that surfaced.
-    fn within_deadline(
-        &self,
-        input: &Path,
-        result: Result<SegmentReport, SegmentError>,
-    ) -> Result<SegmentReport, SegmentError> {
-        result.map_err(|e| {
+        work(&self.segmenter).map_err(|e| {
             if self.deadline.expired() {
                 SegmentError::TimedOut(self.deadline.error(input))
             } else {

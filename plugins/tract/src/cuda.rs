@@ -33,8 +33,10 @@ pub const BACKEND: &str = "tract-cuda";
 pub const KEY_DEVICE: &str = "device";
 
 /// The CUDA runtime, or why it cannot run here (no driver, no GPU, a
-/// library missing, a driver older than the CUDA API this build targets).
-fn runtime() -> Result<&'static dyn Runtime, BackendError> {
+/// library missing, a driver older than the CUDA API this build targets):
+/// [`BackendError::Unavailable`], asked before anything looks at the model
+/// so that a chain falls back.
+pub fn runtime() -> Result<&'static dyn Runtime, BackendError> {
     let unavailable = |detail: String| BackendError::Unavailable(format!("{BACKEND}: {detail}"));
     match catch_unwind(|| runtime_for_name("cuda")) {
         Ok(Ok(Some(rt))) => Ok(rt),
@@ -44,12 +46,6 @@ fn runtime() -> Result<&'static dyn Runtime, BackendError> {
         Ok(Err(e)) => Err(unavailable(format!("{e:#}"))),
         Err(payload) => Err(unavailable(panic_message(&*payload))),
     }
-}
-
-/// Checks CUDA is usable before anything looks at the model: a machine
-/// without it gets [`BackendError::Unavailable`], so a chain falls back.
-pub fn check_available() -> Result<(), BackendError> {
-    runtime().map(|_| ())
 }
 
 /// The GPU the options name: tract-cuda 0.23 drives GPU 0 of the process.
@@ -88,9 +84,13 @@ impl std::fmt::Debug for GpuPlan {
 }
 
 /// Prepares `model` (typed, not yet optimised for the CPU: tract-cuda
-/// matches the core ops) for the GPU, in fp16 when asked.
-pub fn prepare(model: TypedModel, precision: Precision) -> Result<GpuPlan, String> {
-    let rt = runtime().map_err(|e| e.into_message())?;
+/// matches the core ops) for the GPU on `rt` ([`runtime`]), in fp16 when
+/// asked.
+pub fn prepare(
+    rt: &'static dyn Runtime,
+    model: TypedModel,
+    precision: Precision,
+) -> Result<GpuPlan, String> {
     let fp16 = precision == Precision::Fp16;
     let prepared = catch_unwind(AssertUnwindSafe(|| -> TractResult<Box<dyn Runnable>> {
         let mut model = model.into_decluttered()?;

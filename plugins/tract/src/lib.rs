@@ -235,10 +235,14 @@ impl TractModel {
         let err = |m: String| load_error(path, m);
         // A machine without CUDA is told before the model is looked at.
         #[cfg(any(feature = "cuda", feature = "cuda-12"))]
-        if device == Device::Cuda {
-            cuda::check_available()?;
-            cuda::device(opts).map_err(|e| err(e.into_message()))?;
-        }
+        let gpu = match device {
+            Device::Cuda => {
+                let rt = cuda::runtime()?;
+                cuda::device(opts).map_err(|e| err(e.into_message()))?;
+                Some(rt)
+            }
+            Device::Cpu => None,
+        };
         if let Err(e) = std::fs::metadata(path) {
             return Err(err(format!("cannot read the model file: {e}")));
         }
@@ -327,7 +331,8 @@ impl TractModel {
                 let precision = opts
                     .requested_precision()
                     .map_err(|e| err(e.into_message()))?;
-                Plan::Gpu(cuda::prepare(typed, precision).map_err(err)?)
+                let rt = gpu.ok_or_else(|| err("internal: no CUDA runtime".into()))?;
+                Plan::Gpu(cuda::prepare(rt, typed, precision).map_err(err)?)
             }
         };
 
@@ -617,14 +622,14 @@ mod tests {
         let gpu = TractBackend::cuda();
         assert_eq!(gpu.name(), "tract-cuda");
         let opts = LoadOptions::default();
-        match cuda::check_available() {
+        match cuda::runtime() {
             Err(e) => {
                 let got = gpu.load(&path, &opts).err().unwrap();
                 assert!(matches!(got, BackendError::Unavailable(_)), "{got}");
                 assert!(got.to_string().contains("tract-cuda"), "{got}");
                 assert!(matches!(e, BackendError::Unavailable(_)));
             }
-            Ok(()) => {
+            Ok(_) => {
                 let cpu = TractBackend::new().load(&path, &opts).unwrap();
                 let gpu = gpu.load(&path, &opts).unwrap();
                 let shape = [2, 1, 8, 8, 8];

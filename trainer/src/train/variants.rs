@@ -106,10 +106,7 @@ impl Variants {
             let flip = [0; 3].map(|_| rng.uniform() < 0.5);
             pair = degrade::reorient(&pair, axes, flip)?;
         }
-        let (bias, noise) = (
-            rng.range(0.0, self.bias.max(f64::MIN_POSITIVE)),
-            rng.range(0.0, self.rician.max(f64::MIN_POSITIVE)),
-        );
+        let (bias, noise) = (rng.range(0.0, self.bias), rng.range(0.0, self.rician));
         if self.bias > 0.0 || self.rician > 0.0 {
             pair = degrade::bias_noise(&pair, bias, noise, rng.next_u64())?;
         }
