@@ -181,7 +181,7 @@ fn summary(s: &Settings) -> String {
 /// `table` reaches `backend`: its own table, or its family's (`ort` for
 /// `ort-cpu`).
 fn in_table(backend: &str, table: &str) -> bool {
-    backend == table || backend.split_once('-').is_some_and(|(f, _)| f == table)
+    config::option_tables(backend).any(|t| t == table)
 }
 
 /// The settings key that gave `key` to `backend`: its own table, else its
@@ -190,8 +190,7 @@ fn key_path(s: &Settings, backend: &str, key: &str) -> String {
     if key.is_empty() {
         return format!("backend {backend}");
     }
-    let family = backend.split_once('-').map(|(f, _)| f);
-    for table in [Some(backend), family].into_iter().flatten() {
+    for table in config::option_tables(backend).rev() {
         if s.backend_options
             .get(table)
             .is_some_and(|t| t.contains_key(key))

@@ -442,6 +442,16 @@ pub fn check_file(file: &Path) -> Result<Settings, ConfigError> {
     load(file.into(), Some(HashMap::new()), &serde_json::json!({}))
 }
 
+/// The `backend_options` tables that reach `backend`, weakest first: its
+/// family's (`ort` for `ort-cpu`), then its own.
+pub fn option_tables(backend: &str) -> impl DoubleEndedIterator<Item = &str> {
+    backend
+        .split_once('-')
+        .map(|(family, _)| family)
+        .into_iter()
+        .chain(std::iter::once(backend))
+}
+
 impl Settings {
     /// The backends to try, in order (see [`Settings::backends`]).
     pub fn backend_chain(&self) -> Vec<String> {
@@ -465,13 +475,10 @@ impl Settings {
             self.threads
         };
         let mut extra = serde_json::Map::new();
-        if let Some((family, _)) = backend.split_once('-')
-            && let Some(table) = self.backend_options.get(family)
-        {
-            extra.extend(table.clone());
-        }
-        if let Some(table) = self.backend_options.get(backend) {
-            extra.extend(table.clone());
+        for name in option_tables(backend) {
+            if let Some(table) = self.backend_options.get(name) {
+                extra.extend(table.clone());
+            }
         }
         // A backend table may set its own `precision`; the profile's is the
         // default. A bad one stays in `extra`, verbatim, for the plugin to
